@@ -1,0 +1,95 @@
+"""Process-wide defaults for ``graph=`` and ``graph_updates=`` (see ``set_graph_mode``).
+
+Both default to True (graph mode with graph updates, as the spec documents). The environment
+variables ``NNX_GRAPH_MODE`` / ``NNX_GRAPH_UPDATES`` (``0``/``false`` to disable) set the
+initial values. Each setter works globally, as a context manager, or as a decorator.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+
+def _env_flag(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    return raw.strip().lower() not in ("0", "false", "no", "off", "")
+
+
+class _Flag(threading.local):
+    def __init__(self, name: str, env: str) -> None:
+        self.name = name
+        self.stack = [_env_flag(env, True)]
+
+
+class _FlagSetter:
+    """Returned by ``set_graph_mode(v)``: already applied; undone on ``__exit__``."""
+
+    def __init__(self, flag: _Flag, value: bool):
+        self._flag = flag
+        self._value = value
+        self._prev = flag.stack[-1]
+        flag.stack[-1] = value
+
+    def __enter__(self) -> _FlagSetter:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._flag.stack[-1] = self._prev
+
+    def __call__(self, fn: Callable) -> Callable:
+        self._flag.stack[-1] = self._prev  # decorating does not change the global default
+        value = self._value
+        flag = self._flag
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            flag.stack.append(value)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                flag.stack.pop()
+
+        return wrapper
+
+
+_GRAPH_MODE = _Flag("nnx_graph_mode", "NNX_GRAPH_MODE")
+_GRAPH_UPDATES = _Flag("nnx_graph_updates", "NNX_GRAPH_UPDATES")
+
+
+def _make_setter(flag: _Flag, doc: str):
+    def setter(value: bool) -> _FlagSetter:
+        if not isinstance(value, bool):
+            raise TypeError(f"{flag.name} must be a bool, got {value!r}.")
+        return _FlagSetter(flag, value)
+
+    setter.current_value = lambda: flag.stack[-1]  # type: ignore[attr-defined]
+    setter.__doc__ = doc
+    return setter
+
+
+set_graph_mode = _make_setter(
+    _GRAPH_MODE,
+    """Sets the default of ``graph=`` (True: graph mode with shared references).
+
+    Usable globally (``set_graph_mode(False)``), as a context manager, or as a decorator;
+    ``set_graph_mode.current_value()`` reads it.
+    """,
+)
+set_graph_updates = _make_setter(
+    _GRAPH_UPDATES,
+    """Sets the default of ``graph_updates=`` (True: structure changes propagate out).""",
+)
+
+
+def graph_mode_default() -> bool:
+    return _GRAPH_MODE.stack[-1]
+
+
+def graph_updates_default() -> bool:
+    return _GRAPH_UPDATES.stack[-1]

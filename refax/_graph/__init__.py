@@ -1,0 +1,27 @@
+"""The object graph <-> pytree boundary (see README.md in this folder)."""
+
+from refax._graph._api import GraphState as GraphState
+from refax._graph._api import as_pure as as_pure
+from refax._graph._api import call as call
+from refax._graph._api import clone as clone
+from refax._graph._api import find_duplicates as find_duplicates
+from refax._graph._api import graphdef as graphdef
+from refax._graph._api import iter_children as iter_children
+from refax._graph._api import iter_graph as iter_graph
+from refax._graph._api import iter_module_children as iter_module_children
+from refax._graph._api import iter_modules as iter_modules
+from refax._graph._api import map as map
+from refax._graph._api import merge as merge
+from refax._graph._api import pop as pop
+from refax._graph._api import pure as pure
+from refax._graph._api import recursive_map as recursive_map
+from refax._graph._api import set_metadata as set_metadata
+from refax._graph._api import split as split
+from refax._graph._api import state as state
+from refax._graph._api import unpack as unpack
+from refax._graph._api import update as update
+from refax._graph._api import variables as variables
+from refax._graph._flatten import flatten as flatten
+from refax._graph._flatten import is_graph_node as is_graph_node
+from refax._graph._flatten import unflatten as unflatten
+from refax._graph._graphdef import GraphDef as GraphDef

@@ -1,0 +1,437 @@
+"""The public graph functions: split, merge, update, state, graphdef, clone, pop, iteration.
+
+All of them sit on the single walk in ``_flatten.py`` and the cache in ``_cache.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import jax
+import jax.numpy as jnp
+
+from refax._filters import to_predicate
+from refax._graph import _cache
+from refax._graph._flatten import (
+    FlattenResult,
+    flatten,
+    is_graph_node,
+    merge_dicts,
+    unflatten,
+)
+from refax._graph._graphdef import GraphDef
+from refax._object import Module, Pytree
+from refax._statelib import State
+from refax._tracers import EPOCH
+from refax._variables import Variable
+from refax.errors import GraphStructureError
+
+A = TypeVar("A")
+_STATE_ATTR = "_pytree__state"
+
+
+def _copy_nested(d: dict) -> dict:
+    return {k: (_copy_nested(v) if type(v) is dict else v) for k, v in d.items()}
+
+
+def _normalize_filters(filters: tuple) -> tuple:
+    if len(filters) == 1 and (filters[0] is Ellipsis or filters[0] is True):
+        return ()
+    return filters
+
+
+def _check_tree_mode(result: FlattenResult, graph: bool | None) -> None:
+    if graph is None:
+        from refax._config import graph_mode_default
+
+        graph = graph_mode_default()
+    if not graph and result.num_refs:
+        raise ValueError(
+            "Shared references found in tree mode (graph=False): an object is reachable by "
+            "more than one path. Use graph mode (graph=True) or remove the sharing."
+        )
+
+
+def _walk(node: Any, filters: tuple) -> FlattenResult:
+    filters = _normalize_filters(filters)
+    key = _cache.cache_key(node, filters)
+    if key is not None:
+        hit = _cache.lookup(key, node)
+        if hit is not None:
+            return hit
+    epoch = EPOCH.value
+    preds = [to_predicate(f) for f in filters] if filters else None
+    result = flatten(node, preds, filters_repr=filters)
+    if key is not None:
+        _cache.store(key, node, result, epoch)
+    return result
+
+
+def _states(result: FlattenResult) -> list[State]:
+    return [State._from_dict_unsafe(_copy_nested(s)) for s in result.states]
+
+
+def split(node: A, *filters: Any, graph: bool | None = None) -> tuple[Any, ...]:
+    """Splits a graph into its GraphDef and one State per filter.
+
+    Each Variable goes to the first filter that matches it; filters must be exhaustive (end
+    with ``...`` to collect the rest). The States hold the model's own Variable objects.
+
+    Args:
+      node: an Object, or a pytree of Objects (e.g. ``(model, optimizer)``).
+      *filters: filters partitioning the state; none means a single State.
+      graph: tree mode when False (shared references are an error).
+
+    Returns:
+      ``(graphdef, state)`` or ``(graphdef, state_1, ..., state_n)``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from refax import nnx
+      >>> class Count(nnx.Variable): pass
+      >>> class M(nnx.Module):
+      ...   def __init__(self):
+      ...     self.w = nnx.Param(jnp.ones(2))
+      ...     self.n = Count(jnp.array(0))
+      >>> graphdef, params, counts = nnx.split(M(), nnx.Param, Count)
+      >>> list(params), list(counts)
+      (['w'], ['n'])
+    """
+    result = _walk(node, filters)
+    _check_tree_mode(result, graph)
+    return (result.graphdef, *_states(result))
+
+
+def state(node: Any, *filters: Any, graph: bool | None = None) -> Any:
+    """Returns the State of ``node`` (one per filter when several filters are given)."""
+    result = _walk(node, filters)
+    _check_tree_mode(result, graph)
+    states = _states(result)
+    return states[0] if len(states) == 1 else tuple(states)
+
+
+variables = state
+
+
+def graphdef(node: Any, *, graph: bool | None = None) -> GraphDef:
+    """Returns only the GraphDef of ``node``."""
+    result = _walk(node, ())
+    _check_tree_mode(result, graph)
+    return result.graphdef
+
+
+def merge(
+    graphdef: GraphDef | Any,
+    state: Any,
+    /,
+    *states: Any,
+    copy: bool = False,
+    graph: bool | None = None,
+) -> Any:
+    """Rebuilds objects from a GraphDef and the State(s) that ``split`` produced.
+
+    Variables in the States are reused (so the merged object shares them) unless
+    ``copy=True``.
+
+    Raises:
+      GraphStructureError: when a State lacks a value the GraphDef needs or has extra ones.
+    """
+    if isinstance(graphdef, GraphState):
+        graphdef, state, states = graphdef.graphdef, graphdef.state, (state, *states)
+    if not isinstance(graphdef, GraphDef):
+        raise TypeError(
+            f"merge expects a GraphDef as first argument, got {type(graphdef).__name__}; "
+            "call it as merge(graphdef, state, ...)."
+        )
+    parts = [s.state if isinstance(s, GraphState) else s for s in (state, *states)]
+    merged = merge_dicts(parts)
+    return unflatten(graphdef, merged, copy_variables=copy)
+
+
+def _flat_paths(d: Any, prefix: tuple = ()) -> list[tuple]:
+    out = []
+    mapping = getattr(d, "_mapping", d)
+    for k, v in mapping.items():
+        v = getattr(v, "_mapping", v)
+        if type(v) is dict:
+            out.extend(_flat_paths(v, (*prefix, k)))
+        else:
+            out.append((*prefix, k))
+    return out
+
+
+def update(node: Any, state: Any, /, *states: Any) -> None:
+    """Writes the values of State(s) into the Variables of ``node`` in place.
+
+    Raises:
+      GraphStructureError: naming the path when the State has a key ``node`` lacks.
+    """
+    for s in (state, *states):
+        if isinstance(s, GraphState):
+            s = s.state
+        _update(node, getattr(s, "_mapping", s), ())
+
+
+def _update(node: Any, d: Any, path: tuple) -> None:
+    for key, sub in d.items():
+        sub = getattr(sub, "_mapping", sub)
+        if isinstance(node, Pytree):
+            current = node.__dict__.get(key, _MISSING) if isinstance(key, str) else _MISSING
+        elif isinstance(node, dict):
+            current = node.get(key, _MISSING)
+        elif isinstance(node, (list, tuple)) and isinstance(key, int) and key < len(node):
+            current = node[key]
+        else:
+            current = getattr(node, key, _MISSING) if isinstance(key, str) else _MISSING
+        if current is _MISSING:
+            raise GraphStructureError(
+                f"Cannot update {type(node).__name__} at '{'.'.join(map(str, (*path, key)))}': "
+                "the object has no such attribute or item. Update with a State split from this "
+                "object, or merge into a new object instead."
+            )
+        if isinstance(current, Variable):
+            if isinstance(sub, Variable):
+                if sub is not current:
+                    current.update_from_state(sub)
+            else:
+                current.set_raw_value(sub)
+        elif type(sub) is dict:
+            _update(current, sub, (*path, key))
+        else:
+            value = sub.get_value() if isinstance(sub, Variable) else sub
+            if isinstance(node, Pytree):
+                setattr(node, key, value)
+            else:
+                node[key] = value
+
+
+_MISSING = object()
+
+
+def clone(node: A, *, arrays: bool = False, graph: bool | None = None) -> A:
+    """Deep copy of ``node`` via split/merge: new Objects and Variables, sharing preserved.
+
+    Array buffers are shared unless ``arrays=True`` (needed before donating buffers).
+    """
+    result = _walk(node, ())
+    _check_tree_mode(result, graph)
+    st = result.states[0]
+    if arrays:
+        st = jax.tree.map(lambda x: jnp.array(x, copy=True), State._from_dict_unsafe(st))
+        st = st._mapping
+    return unflatten(result.graphdef, st, copy_variables=True)
+
+
+def pop(node: Any, *filters: Any) -> Any:
+    """Removes the Variables matching ``filters`` from ``node`` and returns them as State(s)."""
+    if not filters:
+        raise TypeError("pop needs at least one filter, e.g. nnx.pop(model, nnx.Intermediate).")
+    result = flatten(node, [to_predicate(f) for f in (*filters, ...)], filters_repr=filters)
+    states = [State._from_dict_unsafe(s) for s in result.states[:-1]]
+    for s in states:
+        for path in sorted(_flat_paths(s), reverse=True):
+            parent = node
+            for key in path[:-1]:
+                parent = getattr(parent, key) if isinstance(parent, Pytree) else parent[key]
+            if isinstance(parent, Pytree):
+                delattr(parent, path[-1])
+            else:
+                del parent[path[-1]]
+    return states[0] if len(states) == 1 else tuple(states)
+
+
+# -- iteration ------------------------------------------------------------------------------
+def _children(node: Any) -> list[tuple[Any, Any]]:
+    if isinstance(node, Pytree):
+        d = node.__dict__
+        return [(k, d[k]) for k in sorted(d) if k != _STATE_ATTR]
+    if isinstance(node, dict):
+        try:
+            keys = sorted(node)
+        except TypeError:
+            keys = list(node)
+        return [(k, node[k]) for k in keys]
+    if isinstance(node, (list, tuple)):
+        return list(enumerate(node))
+    return []
+
+
+def _is_container(x: Any) -> bool:
+    return isinstance(x, (list, tuple, dict))
+
+
+def iter_graph(node: Any, *, graph: bool | None = None) -> Iterator[tuple[tuple, Any]]:
+    """Yields ``(path, value)`` for every node and leaf reachable from ``node``.
+
+    Shared objects are visited once; children come before their parent (the root is last).
+    """
+    seen: set[int] = set()
+
+    def visit(value: Any, path: tuple) -> Iterator[tuple[tuple, Any]]:
+        if is_graph_node(value):
+            if id(value) in seen:
+                return
+            seen.add(id(value))
+        if isinstance(value, Pytree) or _is_container(value):
+            for key, child in _children(value):
+                yield from visit(child, (*path, key))
+        yield path, value
+
+    return visit(node, ())
+
+
+def iter_modules(node: Any) -> Iterator[tuple[tuple, Module]]:
+    """Yields ``(path, module)`` for every Module reachable from ``node`` (root last)."""
+    for path, value in iter_graph(node):
+        if isinstance(value, Module):
+            yield path, value
+
+
+def iter_children(node: Any) -> Iterator[tuple[Any, Any]]:
+    """Yields ``(key, child)`` for the immediate graph-node children of ``node``."""
+    for key, value in _children(node):
+        if is_graph_node(value):
+            yield key, value
+
+
+def iter_module_children(node: Any) -> Iterator[tuple[Any, Module]]:
+    """Like :func:`iter_children`, but only Module children."""
+    for key, value in iter_children(node):
+        if isinstance(value, Module):
+            yield key, value
+
+
+def find_duplicates(node: Any) -> list[list[tuple]]:
+    """Lists groups of paths that reach the same Object or Variable."""
+    paths: dict[int, list[tuple]] = {}
+    on_stack: set[int] = set()
+
+    def visit(value: Any, path: tuple) -> None:
+        if is_graph_node(value):
+            paths.setdefault(id(value), []).append(path)
+            if len(paths[id(value)]) > 1 or id(value) in on_stack:
+                return
+            on_stack.add(id(value))
+        for key, child in (
+            _children(value) if (isinstance(value, Pytree) or _is_container(value)) else []
+        ):
+            visit(child, (*path, key))
+
+    visit(node, ())
+    return [p for p in paths.values() if len(p) > 1]
+
+
+# -- functional helpers ----------------------------------------------------------------------
+def map(f: Callable[[tuple, Any], Any], node: A, *, graph: bool | None = None) -> A:  # noqa: A001
+    """Returns a new node whose state values are ``f(path, variable_or_array)``."""
+    graphdef_, st = split(node, graph=graph)
+    return merge(graphdef_, st.map(f))
+
+
+def set_metadata(node: Any, *args: Any, only: Any = Variable, **metadata: Any) -> None:
+    """Sets metadata on every Variable of ``node`` matching ``only``, in place."""
+    pred = to_predicate(only)
+    for path, value in iter_graph(node):
+        if isinstance(value, Variable) and pred(path, value):
+            value.set_metadata(*args, **metadata)
+
+
+def as_pure(tree: Any) -> Any:
+    """Replaces every Variable in ``tree`` by its raw value."""
+    return jax.tree.map(
+        lambda x: x.get_value() if isinstance(x, Variable) else x,
+        tree,
+        is_leaf=lambda x: isinstance(x, Variable),
+    )
+
+
+pure = as_pure
+
+
+class GraphState:
+    """A GraphDef bundled with one State (``unpack`` returns these); accepted by merge/update."""
+
+    __slots__ = ("graphdef", "state")
+
+    def __init__(self, graphdef: GraphDef, state: State):
+        self.graphdef = graphdef
+        self.state = state
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.state, name)
+
+    def __getitem__(self, key: Any) -> Any:
+        return self.state[key]
+
+    def __iter__(self):
+        return iter(self.state)
+
+    def __len__(self) -> int:
+        return len(self.state)
+
+    def __repr__(self) -> str:
+        return f"GraphState({self.graphdef!r}, {self.state!r})"
+
+
+def unpack(node: Any, *filters: Any) -> tuple[GraphState, ...]:
+    """Like ``split`` but returns GraphStates bundling the GraphDef with each State."""
+    graphdef_, *states = split(node, *filters)
+    return tuple(GraphState(graphdef_, s) for s in states)
+
+
+class _CallProxy:
+    """Functional calls: ``proxy.method(*args)`` returns ``(out, (graphdef, state))``."""
+
+    def __init__(self, graphdef: GraphDef, states: tuple, path: tuple = ()):
+        self._graphdef, self._states, self._path = graphdef, states, path
+
+    def __getattr__(self, name: str) -> _CallProxy:
+        return _CallProxy(self._graphdef, self._states, (*self._path, name))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> tuple[Any, tuple[GraphDef, State]]:
+        node = merge(self._graphdef, *self._states)
+        fn = node
+        for name in self._path:
+            fn = getattr(fn, name)
+        out = fn(*args, **kwargs)
+        return out, split(node)
+
+
+def call(graph_state: tuple[GraphDef, Any], /) -> _CallProxy:
+    """Functional method calls on a ``(graphdef, state)`` pair."""
+    graphdef_, *states = graph_state
+    return _CallProxy(graphdef_, tuple(states))
+
+
+def recursive_map(f: Callable[[tuple, Any], Any], node: Any) -> Any:
+    """Rebuilds ``node`` bottom-up, replacing each node or leaf by ``f(path, value)``."""
+    done: dict[int, Any] = {}
+
+    def visit(value: Any, path: tuple) -> Any:
+        if is_graph_node(value) and id(value) in done:
+            return done[id(value)]
+        if isinstance(value, Pytree):
+            for key, child in _children(value):
+                new = visit(child, (*path, key))
+                if new is not child:
+                    value.__dict__[key] = new
+        elif isinstance(value, (list, dict)):
+            for key, child in _children(value):
+                value[key] = visit(child, (*path, key))
+        elif isinstance(value, tuple):
+            value = (
+                type(value)(visit(c, (*path, i)) for i, c in enumerate(value))
+                if type(value) is tuple
+                else value
+            )
+        out = f(path, value)
+        if is_graph_node(value):
+            done[id(value)] = out
+        return out
+
+    from refax._tracers import bump_epoch
+
+    out = visit(node, ())
+    bump_epoch()
+    return out

@@ -1,0 +1,487 @@
+"""The object graph <-> (GraphDef, state) boundary: one depth-first walk each way.
+
+``flatten`` visits a value once, depth first, attributes in sorted order, remembering every graph
+node (Object or Variable) by identity: the first visit records the node, later visits record a
+reference to its index (this preserves sharing and allows cycles). State leaves (Variables and
+raw arrays) are placed into nested dicts by path, one dict per filter.
+
+``unflatten`` interprets a GraphDef encoding, pulling leaves out of nested state dicts by key
+in the same order; it can reuse existing objects by node index (``existing``), which is how
+updates made inside a transform flow back into the caller's objects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from refax._graph._graphdef import ARR, DICT, LIST, OBJ, REF, STATIC, TREE, TUPLE, VAR, GraphDef
+from refax._object import ObjectState, Pytree
+from refax._tracers import bump_epoch, current_trace
+from refax._variables import Variable, _set_frozen, _set_meta, _set_raw
+from refax.errors import FilterError, GraphStructureError, UnhashableStaticError
+
+_STATE_ATTR = "_pytree__state"
+_MISSING = object()
+
+# Value categories, cached per type.
+K_STATIC, K_ARRAY, K_VAR, K_OBJ, K_LIST, K_TUPLE, K_DICT, K_TREE, K_OTHER, K_SKIP = range(10)
+_KIND: dict[type, int] = {
+    int: K_STATIC,
+    float: K_STATIC,
+    bool: K_STATIC,
+    str: K_STATIC,
+    bytes: K_STATIC,
+    complex: K_STATIC,
+    type(None): K_STATIC,
+    type: K_STATIC,
+    list: K_LIST,
+    tuple: K_TUPLE,
+    dict: K_DICT,
+    np.ndarray: K_ARRAY,
+    jax.ShapeDtypeStruct: K_ARRAY,
+    ObjectState: K_SKIP,
+}
+
+
+def kind_of(value: Any) -> int:
+    """Classifies a value for the graph walk (cached per type)."""
+    t = type(value)
+    k = _KIND.get(t)
+    if k is None:
+        if issubclass(t, Variable):
+            k = K_VAR
+        elif issubclass(t, Pytree):
+            k = K_OBJ
+        elif isinstance(value, (jax.Array, np.ndarray)):
+            k = K_ARRAY
+        elif issubclass(t, np.generic) or (
+            t.__hash__ is object.__hash__ and not isinstance(value, (list, dict))
+        ):
+            k = K_STATIC  # identity-hashed (functions, classes, plain objects): always hashable
+        else:
+            leaves, treedef = jax.tree_util.tree_flatten(value)
+            is_leaf = treedef.num_nodes == 1 and treedef.num_leaves == 1
+            k = K_OTHER if is_leaf else K_TREE
+        _KIND[t] = k
+    return k
+
+
+def is_graph_node(value: Any) -> bool:
+    """True for Objects (Modules, Rngs, ...) and Variables."""
+    return isinstance(value, (Pytree, Variable))
+
+
+def _path_str(path: Sequence[Any]) -> str:
+    return ".".join(str(p) for p in path) or "<root>"
+
+
+def _sorted_keys(d: dict) -> list:
+    try:
+        return sorted(d)
+    except TypeError:
+        return list(d)
+
+
+def _tree_children(value: Any) -> tuple[Any, list[Any], list[Any]]:
+    """One level of a registered pytree: (treedef, keys, children)."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(value, is_leaf=lambda x: x is not value)
+    keys = []
+    for kp, _ in flat:
+        entry = kp[0]
+        for attr in ("key", "idx", "name"):
+            if hasattr(entry, attr):
+                keys.append(getattr(entry, attr))
+                break
+        else:
+            keys.append(str(entry))
+    return treedef, keys, [c for _, c in flat]
+
+
+class FlattenResult:
+    """Everything one walk produced."""
+
+    __slots__ = ("graphdef", "states", "nodes", "leaves", "snapshots", "num_refs")
+
+    def __init__(self, graphdef, states, nodes, leaves, snapshots, num_refs=0):
+        self.graphdef: GraphDef = graphdef
+        self.states: list[dict] = states
+        self.nodes: list[Any] = nodes
+        self.leaves: list[Any] = leaves
+        self.snapshots: list[tuple[Any, tuple]] = snapshots
+        self.num_refs = num_refs
+
+
+def flatten(
+    root: Any,
+    predicates: Sequence[Callable[[tuple, Any], bool]] | None = None,
+    *,
+    filters_repr: Sequence[Any] = (),
+) -> FlattenResult:
+    """Walks ``root`` once and returns its GraphDef, nested state dicts and bookkeeping.
+
+    Args:
+      root: any value: an Object, a Variable, or a pytree containing them.
+      predicates: one predicate per output state; each leaf goes to the first that matches.
+        ``None`` puts every leaf into a single state.
+    """
+    seen: dict[int, int] = {}
+    nodes: list[Any] = []
+    leaves: list[Any] = []
+    snapshots: list[tuple[Any, tuple]] = []
+    n_states = 1 if predicates is None else len(predicates)
+    unmatched: list[tuple] = []
+    refs: list[int] = []
+    kind_table = _KIND
+    single = predicates is None
+
+    # ``outs`` holds, for the node being walked, one output dict per state; leaves are stored
+    # under their key, sub-nodes get fresh dicts that are attached only when non-empty.
+    def place(outs: list[dict], key: Any, path: tuple, leaf: Any) -> None:
+        if single:
+            outs[0][key] = leaf
+            return
+        for i, pred in enumerate(predicates):  # type: ignore[arg-type]
+            if pred(path, leaf):
+                outs[i][key] = leaf
+                return
+        unmatched.append(path)
+
+    def child(value: Any, key: Any, path: tuple, outs: list[dict], k: int) -> tuple:
+        """Encodes a non-static child ``value`` found under ``key`` of the current node."""
+        if k == K_VAR:
+            idx = seen.get(id(value))
+            if idx is not None:
+                refs.append(idx)
+                return (REF, idx)
+            idx = seen[id(value)] = len(nodes)
+            nodes.append(value)
+            leaves.append(value)
+            place(outs, key, path, value)
+            frozen = value._frozen
+            if frozen is None:
+                frozen = value._frozen_metadata()
+            return (VAR, type(value), idx, frozen)
+        if k == K_ARRAY:
+            leaves.append(value)
+            place(outs, key, path, value)
+            return (ARR,)
+        if k == K_OBJ and id(value) in seen:
+            idx = seen[id(value)]
+            refs.append(idx)
+            return (REF, idx)
+        sub = [{} for _ in range(n_states)] if not single else [{}]
+        enc = walk(value, path, sub, k)
+        for i in range(n_states):
+            if sub[i]:
+                outs[i][key] = sub[i]
+        return enc
+
+    def walk(value: Any, path: tuple, outs: list[dict], k: int) -> tuple:
+        if k == K_OBJ:
+            idx = seen[id(value)] = len(nodes)
+            nodes.append(value)
+            d = value.__dict__
+            st: ObjectState | None = d.get(_STATE_ATTR)
+            static_names: frozenset = frozenset()
+            if st is not None:
+                st.tracked = True
+                static_names = st.static_names
+            snames: list[str] = []
+            svals: list[Any] = []
+            dyn: list[tuple[str, tuple]] = []
+            for name, v in d.items():
+                kv = kind_table.get(type(v))
+                if kv is None:
+                    kv = kind_of(v)
+                if kv == K_STATIC:
+                    snames.append(name)
+                    svals.append(v)
+                elif kv == K_SKIP:
+                    continue
+                elif kv == K_OTHER or name in static_names:
+                    snames.append(name)
+                    svals.append(_hashable(v, path + (name,)))
+                elif kv == K_TUPLE and _all_static(v):
+                    snames.append(name)
+                    svals.append(v)
+                else:
+                    dyn.append((name, child(v, name, path + (name,), outs, kv)))
+            return (OBJ, type(value), idx, tuple(snames), tuple(svals), tuple(dyn))
+        if k == K_LIST or k == K_TUPLE:
+            if k == K_LIST:
+                snapshots.append((value, tuple(value)))
+            encs = []
+            for i, v in enumerate(value):
+                kv = kind_table.get(type(v))
+                if kv is None:
+                    kv = kind_of(v)
+                if kv == K_STATIC:
+                    encs.append((STATIC, v))
+                elif kv == K_OTHER:
+                    encs.append((STATIC, _hashable(v, path + (i,))))
+                else:
+                    encs.append(child(v, i, path + (i,), outs, kv))
+            return (LIST if k == K_LIST else TUPLE, tuple(encs))
+        if k == K_DICT or k == K_TREE:
+            if k == K_DICT:
+                snapshots.append((value, tuple(value.items())))
+                keys = list(value)
+                children = list(value.values())
+            else:
+                treedef, keys, children = _tree_children(value)
+            encs = []
+            for key, v in zip(keys, children):
+                kv = kind_table.get(type(v))
+                if kv is None:
+                    kv = kind_of(v)
+                if kv == K_STATIC:
+                    encs.append((STATIC, v))
+                elif kv == K_OTHER:
+                    encs.append((STATIC, _hashable(v, path + (key,))))
+                else:
+                    encs.append(child(v, key, path + (key,), outs, kv))
+            if k == K_DICT:
+                return (DICT, tuple(keys), tuple(encs))
+            return (TREE, treedef, tuple(keys), tuple(encs))
+        raise AssertionError(k)  # pragma: no cover
+
+    states: list[dict] = [{} for _ in range(n_states)]
+    k_root = kind_of(root)
+    if k_root in (K_VAR, K_ARRAY):
+        raise GraphStructureError(
+            f"Cannot split a bare {type(root).__name__}: the State needs a path for it. Wrap "
+            "it in a Module or a container, e.g. split([variable])."
+        )
+    if k_root in (K_STATIC, K_OTHER, K_SKIP):
+        enc = (STATIC, _hashable(root, ()))
+    else:
+        enc = walk(root, (), states, k_root)
+    if unmatched:
+        shown = ", ".join(repr(_path_str(p)) for p in unmatched[:5])
+        more = f" (and {len(unmatched) - 5} more)" if len(unmatched) > 5 else ""
+        raise FilterError(
+            f"Non-exhaustive filters, got a non-empty remainder: {shown}{more} matched none of "
+            f"the filters ({', '.join(_filter_name(f) for f in filters_repr)}). Add `...` as "
+            "the last filter to collect the rest."
+        )
+    return FlattenResult(
+        GraphDef(enc, len(leaves), len(nodes)), states, nodes, leaves, snapshots, len(refs)
+    )
+
+
+def _filter_name(f: Any) -> str:
+    return f.__name__ if isinstance(f, type) else repr(f)
+
+
+def _all_static(t: tuple) -> bool:
+    for v in t:
+        kv = _KIND.get(type(v))
+        if kv is None:
+            kv = kind_of(v)
+        if kv != K_STATIC and not (kv == K_TUPLE and _all_static(v)):
+            return False
+    return True
+
+
+def _hashable(value: Any, path: tuple) -> Any:
+    try:
+        hash(value)
+    except TypeError:
+        raise UnhashableStaticError(
+            f"Static attribute '{_path_str(path)}' holds an unhashable "
+            f"{type(value).__name__}: static values go into the GraphDef and must be hashable. "
+            "Use a hashable type (e.g. a tuple), or store arrays in a Variable or wrap the value "
+            "with nnx.data(...)."
+        ) from None
+    return value
+
+
+def snapshots_valid(snapshots: list[tuple[Any, tuple]]) -> bool:
+    """True when no list or dict seen by a walk was mutated since (identity comparison)."""
+    for container, snap in snapshots:
+        try:
+            now = tuple(container) if type(container) is list else tuple(container.items())
+            if len(now) != len(snap):
+                return False
+            for a, b in zip(now, snap):
+                if a is not b and not (type(a) is tuple and _same_items(a, b)):
+                    return False
+        except Exception:
+            return False
+    return True
+
+
+def _same_items(a: tuple, b: tuple) -> bool:
+    return len(a) == len(b) and all(x is y or x == y for x, y in zip(a, b))
+
+
+# -- unflatten -------------------------------------------------------------------------------
+def _as_dict(state: Any) -> Any:
+    mapping = getattr(state, "_mapping", None)
+    return mapping if mapping is not None else state
+
+
+def merge_dicts(dicts: Sequence[Any]) -> Any:
+    """Deep-merges nested state dicts (later wins); returns the first when there is one."""
+    dicts = [_as_dict(d) for d in dicts]
+    if len(dicts) == 1:
+        return dicts[0]
+    out: dict = {}
+    for d in dicts:
+        _merge_into(out, d)
+    return out
+
+
+def _merge_into(out: dict, d: Any) -> None:
+    for k, v in d.items():
+        v = _as_dict(v)
+        if type(v) is dict:
+            sub = out.get(k)
+            if type(sub) is not dict:
+                sub = out[k] = {}
+            _merge_into(sub, v)
+        else:
+            out[k] = v
+
+
+def unflatten(
+    graphdef: GraphDef,
+    state: Any,
+    *,
+    copy_variables: bool = False,
+    existing: dict[int, Any] | None = None,
+) -> Any:
+    """Builds the graph described by ``graphdef``, taking leaves from the nested ``state`` dict.
+
+    Args:
+      graphdef: the structure.
+      state: a nested dict (or State) of leaves keyed like the graph's paths.
+      copy_variables: build new Variables even when the state holds Variables.
+      existing: node index -> object to update in place instead of creating a new one.
+    """
+    nodes: list[Any] = [None] * graphdef.num_nodes
+    changed = [False]
+    trace = current_trace()
+
+    def new_state() -> ObjectState:
+        return ObjectState._fresh(trace)
+
+    def extra_keys(sub: Any, expected: list, path: tuple) -> None:
+        extra = [k for k in sub if k not in expected]
+        if extra:
+            shown = ", ".join(repr(_path_str((*path, k))) for k in extra[:5])
+            raise GraphStructureError(
+                f"The State does not fit the GraphDef: it has values at {shown} that the "
+                "GraphDef does not use. Pass the States that split() returned for this "
+                "GraphDef."
+            )
+
+    def missing(path: tuple, what: str) -> GraphStructureError:
+        return GraphStructureError(
+            f"The State does not fit the GraphDef: no value for {what} at "
+            f"'{_path_str(path)}'. Pass every State that split() returned for this GraphDef."
+        )
+
+    def leaf_value(sub: Any) -> Any:
+        return sub._raw_value if isinstance(sub, Variable) else sub
+
+    def build(enc: tuple, sub: Any, path: tuple) -> Any:
+        op = enc[0]
+        if op == STATIC:
+            return enc[1]
+        if op == REF:
+            return nodes[enc[1]]
+        if op == VAR:
+            if sub is _MISSING:
+                raise missing(path, f"{enc[1].__name__} Variable")
+            idx = enc[2]
+            target = existing.get(idx) if existing is not None else None
+            if target is not None:
+                if target is not sub:
+                    _set_raw(target, leaf_value(sub))
+                    if target._var_metadata != enc[3].mapping:
+                        _set_meta(target, dict(enc[3].mapping))
+                        _set_frozen(target, None)
+                        changed[0] = True
+                var = target
+            elif isinstance(sub, Variable) and not copy_variables:
+                var = sub
+            else:
+                var = enc[1]._from_parts(leaf_value(sub), enc[3].mapping, enc[3])
+            nodes[idx] = var
+            return var
+        if op == ARR:
+            if sub is _MISSING:
+                raise missing(path, "an array")
+            return leaf_value(sub)
+        if op == OBJ:
+            cls, idx, snames, svals, dyn = enc[1:]
+            target = existing.get(idx) if existing is not None else None
+            if target is not None:
+                obj = target
+            else:
+                obj = object.__new__(cls)
+                obj.__dict__[_STATE_ATTR] = new_state()
+            nodes[idx] = obj
+            sub = _as_dict(sub) if sub is not _MISSING else _EMPTY
+            values = dict(zip(snames, svals))
+            found = 0
+            for name, c in dyn:
+                v = sub.get(name, _MISSING)
+                if v is not _MISSING:
+                    found += 1
+                values[name] = build(c, v, path + (name,))
+            if found != len(sub):
+                extra_keys(sub, [name for name, _ in dyn], path)
+            d = obj.__dict__
+            if target is not None:
+                for name in [n for n in d if n != _STATE_ATTR and n not in values]:
+                    del d[name]
+                    changed[0] = True
+                for name, v in values.items():
+                    if d.get(name, _MISSING) is not v:
+                        d[name] = v
+                        if not isinstance(v, Variable):
+                            changed[0] = True
+            else:
+                d.update(values)
+            return obj
+        sub = _as_dict(sub) if sub is not _MISSING else _EMPTY
+        if op == LIST or op == TUPLE:
+            keys, encs = range(len(enc[1])), enc[1]
+        elif op == DICT:
+            keys, encs = enc[1], enc[2]
+        elif op == TREE:
+            keys, encs = enc[2], enc[3]
+        else:  # pragma: no cover
+            raise GraphStructureError(f"Corrupt GraphDef entry {enc!r}")
+        if sub:
+            extra_keys(sub, list(keys), path)
+        out = [build(c, sub.get(k, _MISSING), path + (k,)) for k, c in zip(keys, encs)]
+        if op == LIST:
+            return out
+        if op == TUPLE:
+            return tuple(out)
+        if op == DICT:
+            return dict(zip(keys, out))
+        return jax.tree_util.tree_unflatten(enc[1], out)
+
+    root_enc = graphdef.root
+    if root_enc[0] in (VAR, ARR):
+        raise GraphStructureError("A GraphDef of a bare Variable or array cannot be merged.")
+    out = build(root_enc, state, ())
+    if changed[0]:
+        bump_epoch()
+    return out
+
+
+class _Empty(dict):
+    def get(self, key: Any, default: Any = None) -> Any:
+        return default
+
+
+_EMPTY = _Empty()

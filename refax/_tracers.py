@@ -1,0 +1,33 @@
+"""Trace-level bookkeeping and the global structure epoch.
+
+Every Object and Variable remembers the JAX trace it was created in (``TraceState``); mutating
+it from another trace raises ``TraceContextError``. The *structure epoch* is a process-wide
+counter bumped by every structural change to any Object (attribute added, deleted or rebound,
+Variable metadata changed). Caches of graph walks are valid while the epoch is unchanged.
+"""
+
+from __future__ import annotations
+
+from jax._src import core as _jax_core
+
+_get_opaque = _jax_core.get_opaque_trace_state
+
+
+def current_trace():
+    """Returns an opaque, comparable token for the JAX trace currently active."""
+    return _get_opaque(convention="flax")
+
+
+class _Epoch:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+
+EPOCH = _Epoch()
+
+
+def bump_epoch() -> None:
+    """Records that some object graph changed structure (invalidates cached graph walks)."""
+    EPOCH.value += 1
