@@ -49,6 +49,14 @@ from refax._object import has_data as has_data
 from refax._object import is_data as is_data
 from refax._object import register_data_type as register_data_type
 from refax._object import static as static
+from refax._rngs import RngCount as RngCount
+from refax._rngs import RngKey as RngKey
+from refax._rngs import Rngs as Rngs
+from refax._rngs import RngState as RngState
+from refax._rngs import RngStream as RngStream
+from refax._rngs import backup_keys as backup_keys
+from refax._rngs import reseed as reseed
+from refax._rngs import restore_rngs as restore_rngs
 from refax._statelib import FlatState as FlatState
 from refax._statelib import State as State
 from refax._statelib import filter_state as filter_state

@@ -67,6 +67,19 @@ def _stat_type(var: Variable) -> type:
     return type(var)
 
 
+def _child_nodes(value: Any) -> list[Any]:
+    """The Objects and Variables directly inside an attribute value (through containers)."""
+    if _is_node(value):
+        return [value]
+    if type(value) in (list, tuple, dict):
+        items = value.values() if type(value) is dict else value
+        return [node for item in items for node in _child_nodes(item)]
+    try:
+        return [x for x in jax.tree.leaves(value, is_leaf=_is_node) if _is_node(x)]
+    except Exception:  # not a well-formed pytree: it holds no state we can find
+        return []
+
+
 def _collect_stats(node: Any, memo: dict[int, Stats]) -> Stats:
     """Per-type Variable totals of ``node``'s subtree; each node is counted once per memo."""
     stats: Stats = {}
@@ -77,8 +90,8 @@ def _collect_stats(node: Any, memo: dict[int, Stats]) -> Stats:
             stats[_stat_type(node)] = info
         return stats
     for name in sorted(k for k in vars(node) if k != _STATE_ATTR):
-        for child in jax.tree.leaves(vars(node)[name], is_leaf=_is_node):
-            if not _is_node(child) or id(child) in memo:
+        for child in _child_nodes(vars(node)[name]):
+            if id(child) in memo:
                 continue
             for typ, (size, nbytes) in _collect_stats(child, memo).items():
                 old = stats.get(typ, (0, 0))

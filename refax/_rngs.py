@@ -126,10 +126,7 @@ def _shape(k: Shape) -> tuple[int, ...]:
 
 
 class _RandomMethods:
-    """Mixin adding ``jax.random`` samplers and keyless initializer factories.
-
-    Subclasses implement ``__call__`` returning a fresh key.
-    """
+    """Mixin: ``jax.random`` samplers and initializer factories drawing keys from ``self()``."""
 
     __slots__ = ()
 
@@ -405,9 +402,6 @@ class SplitBackups:
     def __iter__(self) -> Iterator[StreamBackup]:
         return iter(self.backups)
 
-    def __len__(self) -> int:
-        return len(self.backups)
-
     def __enter__(self) -> SplitBackups:
         return self
 
@@ -485,15 +479,8 @@ def reseed(
       >>> bool(rngs.dropout.uniform() == b), int(rngs.params.count[...])
       (True, 0)
     """
-    if isinstance(policy, str):
-        if policy not in _POLICIES:
-            raise ValueError(
-                f"policy must be 'scalars_only', 'match_shape' or a callable, got {policy!r}."
-            )
-        policy_fn = _POLICIES[policy]
-    elif callable(policy):
-        policy_fn = policy
-    else:
+    policy_fn = _POLICIES.get(policy) if isinstance(policy, str) else policy
+    if not callable(policy_fn):
         raise ValueError(
             f"policy must be 'scalars_only', 'match_shape' or a callable, got {policy!r}."
         )

@@ -15,12 +15,14 @@ from refax._filters import to_predicate
 from refax._graph import _cache
 from refax._graph._flatten import (
     FlattenResult,
+    _as_dict,
     flatten,
     is_graph_node,
     merge_dicts,
     unflatten,
 )
 from refax._graph._graphdef import GraphDef
+from refax._graph._plan import _Mismatch, run_plan
 from refax._object import Module, Pytree
 from refax._statelib import State
 from refax._tracers import EPOCH
@@ -146,14 +148,21 @@ def merge(
         )
     parts = [s.state if isinstance(s, GraphState) else s for s in (state, *states)]
     merged = merge_dicts(parts)
-    return unflatten(graphdef, merged, copy_variables=copy)
+    return _build(graphdef, merged, copy)
+
+
+def _build(graphdef: GraphDef, state: dict, copy: bool) -> Any:
+    """Fresh objects from a nested state dict: the compiled plan, or the interpreter's error."""
+    try:
+        return run_plan(graphdef, state, copy)
+    except _Mismatch:
+        return unflatten(graphdef, state, copy_variables=copy)
 
 
 def _flat_paths(d: Any, prefix: tuple = ()) -> list[tuple]:
     out = []
-    mapping = getattr(d, "_mapping", d)
-    for k, v in mapping.items():
-        v = getattr(v, "_mapping", v)
+    for k, v in _as_dict(d).items():
+        v = _as_dict(v)
         if type(v) is dict:
             out.extend(_flat_paths(v, (*prefix, k)))
         else:
@@ -170,12 +179,12 @@ def update(node: Any, state: Any, /, *states: Any) -> None:
     for s in (state, *states):
         if isinstance(s, GraphState):
             s = s.state
-        _update(node, getattr(s, "_mapping", s), ())
+        _update(node, _as_dict(s), ())
 
 
 def _update(node: Any, d: Any, path: tuple) -> None:
     for key, sub in d.items():
-        sub = getattr(sub, "_mapping", sub)
+        sub = _as_dict(sub)
         if isinstance(node, Pytree):
             current = node.__dict__.get(key, _MISSING) if isinstance(key, str) else _MISSING
         elif isinstance(node, dict):
@@ -220,7 +229,7 @@ def clone(node: A, *, arrays: bool = False, graph: bool | None = None) -> A:
     if arrays:
         st = jax.tree.map(lambda x: jnp.array(x, copy=True), State._from_dict_unsafe(st))
         st = st._mapping
-    return unflatten(result.graphdef, st, copy_variables=True)
+    return _build(result.graphdef, st, True)
 
 
 def pop(node: Any, *filters: Any) -> Any:

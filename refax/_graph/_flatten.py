@@ -20,6 +20,7 @@ import numpy as np
 
 from refax._graph._graphdef import ARR, DICT, LIST, OBJ, REF, STATIC, TREE, TUPLE, VAR, GraphDef
 from refax._object import ObjectState, Pytree
+from refax._statelib import State
 from refax._tracers import bump_epoch, current_trace
 from refax._variables import Variable, _set_frozen, _set_meta, _set_raw
 from refax.errors import FilterError, GraphStructureError, UnhashableStaticError
@@ -153,14 +154,18 @@ def flatten(
     def child(value: Any, key: Any, path: tuple, outs: list[dict], k: int) -> tuple:
         """Encodes a non-static child ``value`` found under ``key`` of the current node."""
         if k == K_VAR:
-            idx = seen.get(id(value))
+            vid = id(value)
+            idx = seen.get(vid)
             if idx is not None:
                 refs.append(idx)
                 return (REF, idx)
-            idx = seen[id(value)] = len(nodes)
+            idx = seen[vid] = len(nodes)
             nodes.append(value)
             leaves.append(value)
-            place(outs, key, path, value)
+            if single:
+                outs[0][key] = value
+            else:
+                place(outs, key, path, value)
             frozen = value._frozen
             if frozen is None:
                 frozen = value._frozen_metadata()
@@ -173,7 +178,13 @@ def flatten(
             idx = seen[id(value)]
             refs.append(idx)
             return (REF, idx)
-        sub = [{} for _ in range(n_states)] if not single else [{}]
+        if single:
+            sub = [{}]
+            enc = walk(value, path, sub, k)
+            if sub[0]:
+                outs[0][key] = sub[0]
+            return enc
+        sub = [{} for _ in range(n_states)]
         enc = walk(value, path, sub, k)
         for i in range(n_states):
             if sub[i]:
@@ -321,8 +332,12 @@ def _same_items(a: tuple, b: tuple) -> bool:
 
 # -- unflatten -------------------------------------------------------------------------------
 def _as_dict(state: Any) -> Any:
-    mapping = getattr(state, "_mapping", None)
-    return mapping if mapping is not None else state
+    """The nested dict behind a State (dicts pass through; leaves are returned unchanged)."""
+    if type(state) is dict:
+        return state
+    if isinstance(state, State):
+        return state._mapping
+    return state
 
 
 def merge_dicts(dicts: Sequence[Any]) -> Any:

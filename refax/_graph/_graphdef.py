@@ -43,13 +43,14 @@ class GraphDef:
       num_nodes: how many graph nodes (Objects and Variables) the graph holds.
     """
 
-    __slots__ = ("root", "num_leaves", "num_nodes", "_hash")
+    __slots__ = ("root", "num_leaves", "num_nodes", "_hash", "_plan")
 
     def __init__(self, root: tuple, num_leaves: int, num_nodes: int):
         self.root = root
         self.num_leaves = num_leaves
         self.num_nodes = num_nodes
         self._hash: int | None = None
+        self._plan: Any = None  # compiled merge plan (see _plan.py), built on first merge
 
     def __hash__(self) -> int:
         h = self._hash
