@@ -106,10 +106,26 @@ def split(node: A, *filters: Any, graph: bool | None = None) -> tuple[Any, ...]:
 
 
 def state(node: Any, *filters: Any, graph: bool | None = None) -> Any:
-    """Returns the State of ``node`` (one per filter when several filters are given)."""
-    result = _walk(node, filters)
+    """Returns the State of ``node``, or one State per filter (unlike ``split``, the filters
+    need not cover everything: unmatched Variables are left out).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from refax import nnx
+      >>> class M(nnx.Module):
+      ...   def __init__(self):
+      ...     self.w = nnx.Param(jnp.ones(2))
+      ...     self.mean = nnx.BatchStat(jnp.zeros(2))
+      >>> list(nnx.state(M(), nnx.BatchStat))
+      ['mean']
+    """
+    if filters and _normalize_filters(filters):
+        result = _walk(node, (*filters, ...))
+        states = _states(result)[:-1]
+    else:
+        result = _walk(node, ())
+        states = _states(result)
     _check_tree_mode(result, graph)
-    states = _states(result)
     return states[0] if len(states) == 1 else tuple(states)
 
 
