@@ -204,6 +204,7 @@ def flatten(
             snames: list[str] = []
             svals: list[Any] = []
             dyn: list[tuple[str, tuple]] = []
+            out0 = outs[0]
             for name, v in d.items():
                 kv = kind_table.get(type(v))
                 if kv is None:
@@ -211,6 +212,24 @@ def flatten(
                 if kv == K_STATIC:
                     snames.append(name)
                     svals.append(v)
+                elif kv == K_VAR:  # inlined: the most common dynamic attribute
+                    vid = id(v)
+                    vidx = seen.get(vid)
+                    if vidx is None:
+                        vidx = seen[vid] = len(nodes)
+                        nodes.append(v)
+                        leaves.append(v)
+                        if single:
+                            out0[name] = v
+                        else:
+                            place(outs, name, path + (name,), v)
+                        frozen = v._frozen
+                        if frozen is None:
+                            frozen = v._frozen_metadata()
+                        dyn.append((name, (VAR, type(v), vidx, frozen)))
+                    else:
+                        refs.append(vidx)
+                        dyn.append((name, (REF, vidx)))
                 elif kv == K_SKIP:
                     continue
                 elif kv == K_OTHER or name in static_names:
