@@ -7,6 +7,8 @@ from refax import errors as errors
 from refax import typing as typing
 from refax._config import set_graph_mode as set_graph_mode
 from refax._config import set_graph_updates as set_graph_updates
+from refax._containers import Dict as Dict
+from refax._containers import List as List
 from refax._display import display as display
 from refax._filters import All as All
 from refax._filters import Any as Any

@@ -56,7 +56,8 @@ def _attributes(obj: Pytree) -> list[tuple[str, Any]]:
     return [
         (name, value)
         for name, value in vars(obj).items()
-        if not name.startswith("_pytree__") and not (name.startswith("_") and not is_data(value))
+        if not isinstance(name, str)
+        or (not name.startswith("_pytree__") and not (name.startswith("_") and not is_data(value)))
     ]
 
 

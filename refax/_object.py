@@ -311,7 +311,7 @@ class Object(Pytree, pytree=False):
 def _split_attrs(obj: Pytree) -> tuple[list[str], list[tuple[str, Any]]]:
     st: ObjectState = obj.__dict__[_STATE_ATTR]
     data_names, static_items = [], []
-    for name in sorted(obj.__dict__):
+    for name in obj.__dict__:
         if name == _STATE_ATTR:
             continue
         value = obj.__dict__[name]
@@ -326,7 +326,13 @@ def _split_attrs(obj: Pytree) -> tuple[list[str], list[tuple[str, Any]]]:
 
 def _pytree_flatten_with_keys(obj: Pytree):
     data_names, static_items = _split_attrs(obj)
-    children = [(jax.tree_util.GetAttrKey(n), obj.__dict__[n]) for n in data_names]
+    children = [
+        (
+            jax.tree_util.GetAttrKey(n) if isinstance(n, str) else jax.tree_util.SequenceKey(n),
+            obj.__dict__[n],
+        )
+        for n in data_names
+    ]
     return children, (tuple(data_names), tuple(static_items))
 
 
