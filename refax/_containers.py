@@ -54,8 +54,10 @@ class List(Module, MutableSequence):
         for i, item in enumerate(items):
             d[i] = _unwrap(item)
         st = d.get(_STATE_ATTR)
-        if st is not None and st.tracked:
-            bump_epoch()
+        if st is not None:
+            st.invalidate()
+            if st.tracked:
+                bump_epoch()
 
     def __len__(self) -> int:
         return self._len()
@@ -84,10 +86,13 @@ class List(Module, MutableSequence):
     def append(self, value: Any) -> None:
         self._check_trace()
         d = self.__dict__
-        d[self._len()] = _unwrap(value)
+        index, value = self._len(), _unwrap(value)
+        d[index] = value
         st = d.get(_STATE_ATTR)
-        if st is not None and st.tracked:
-            bump_epoch()
+        if st is not None:
+            st.record(index, value)
+            if st.tracked:
+                bump_epoch()
 
     def __iter__(self) -> Iterator[Any]:
         return iter(self._items())

@@ -42,6 +42,7 @@ from typing import Any, TypeVar
 import jax
 import numpy as np
 
+from refax import _kinds
 from refax._tracers import bump_epoch, current_trace
 from refax._variables import Intermediate, Perturbation, Variable
 from refax.errors import TraceContextError
@@ -77,21 +78,54 @@ class ObjectState:
       data_names: attributes forced data with :func:`data`.
     """
 
-    __slots__ = ("trace_state", "tracked", "static_names", "data_names")
+    __slots__ = ("trace_state", "tracked", "static_names", "data_names", "statics", "dynamic")
 
     def __init__(self) -> None:
         self.trace_state = current_trace()
         self.tracked = False
         self.static_names: frozenset[str] = frozenset()
         self.data_names: frozenset[str] = frozenset()
+        # Attribute kinds kept up to date on assignment, so graph walks need not classify
+        # every static attribute: name -> value for static ones, ordered names of the rest.
+        # None means unknown (the next walk recomputes them).
+        self.statics: dict[str, Any] | None = {}
+        self.dynamic: dict[Any, None] | None = {}
 
     @classmethod
-    def _fresh(cls, trace: Any) -> ObjectState:
+    def _fresh(cls, trace: Any, statics: Any = None, dynamic: Any = None) -> ObjectState:
         st = object.__new__(cls)
         st.trace_state = trace
         st.tracked = False
         st.static_names = st.data_names = frozenset()
+        st.statics = statics
+        st.dynamic = dynamic
         return st
+
+    def record(self, name: Any, value: Any) -> None:
+        """Keeps the attribute-kind tables current after ``name`` was set to ``value``."""
+        statics, dynamic = self.statics, self.dynamic
+        if statics is None or dynamic is None:
+            return
+        if name in self.static_names:
+            static = _kinds.is_static_value(value)
+        elif name in self.data_names:
+            static = False
+        else:
+            static = _kinds.is_static_value(value)
+        if static:
+            statics[name] = value
+            dynamic.pop(name, None)
+        else:
+            dynamic[name] = None
+            statics.pop(name, None)
+
+    def forget(self, name: Any) -> None:
+        if self.statics is not None and self.dynamic is not None:
+            self.statics.pop(name, None)
+            self.dynamic.pop(name, None)
+
+    def invalidate(self) -> None:
+        self.statics = self.dynamic = None
 
     def __repr__(self) -> str:
         return f"ObjectState(tracked={self.tracked})"
@@ -196,6 +230,8 @@ class Pytree:
     Subclasses are registered as JAX pytrees unless declared with ``pytree=False``.
     """
 
+    _refax_object = True  # marks graph-node classes for refax._kinds
+
     def __init_subclass__(cls, pytree: bool = True, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if pytree is not True and pytree is not False:
@@ -239,8 +275,10 @@ class Pytree:
             old.set_value(value)
             return
         d[name] = value
-        if st is not None and st.tracked:
-            bump_epoch()
+        if st is not None:
+            st.record(name, value)
+            if st.tracked:
+                bump_epoch()
 
     def _mark(self, name: str, marker: _Marker) -> Any:
         st: ObjectState = self.__dict__[_STATE_ATTR]
@@ -263,8 +301,10 @@ class Pytree:
         except KeyError:
             raise AttributeError(f"{type(self).__name__} has no attribute {name!r}") from None
         st = self.__dict__.get(_STATE_ATTR)
-        if st is not None and st.tracked:
-            bump_epoch()
+        if st is not None:
+            st.forget(name)
+            if st.tracked:
+                bump_epoch()
 
     # -- copying / pickling ---------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
@@ -280,6 +320,7 @@ class Pytree:
         st = ObjectState()
         if marks is not None:
             st.static_names, st.data_names = marks
+        st.invalidate()
         self.__dict__.update(state)
         self.__dict__[_STATE_ATTR] = st
 
@@ -340,7 +381,8 @@ def _pytree_unflatten(cls: type, aux: Any, children: Any) -> Any:
     data_names, static_items = aux
     obj = object.__new__(cls)
     d = obj.__dict__
-    d[_STATE_ATTR] = ObjectState()
+    d[_STATE_ATTR] = st = ObjectState()
+    st.invalidate()
     d.update(static_items)
     d.update(zip(data_names, children))
     return obj

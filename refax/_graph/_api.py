@@ -55,22 +55,35 @@ def _check_tree_mode(result: FlattenResult, graph: bool | None) -> None:
         )
 
 
-def _walk(node: Any, filters: tuple) -> FlattenResult:
+def _walk_owned(node: Any, filters: tuple) -> tuple[FlattenResult, bool]:
+    """Walks ``node`` (or reuses a cached walk); the bool says whether the caller owns the
+    result's state dicts (True) or must copy them because the cache keeps them (False).
+
+    A root's walk is cached from its second walk on, so a one-off split pays no copy.
+    """
     filters = _normalize_filters(filters)
     key = _cache.cache_key(node, filters)
     if key is not None:
         hit = _cache.lookup(key, node)
         if hit is not None:
-            return hit
+            return hit, False
     epoch = EPOCH.value
     preds = [to_predicate(f) for f in filters] if filters else None
     result = flatten(node, preds, filters_repr=filters)
-    if key is not None:
+    if key is not None and _cache.seen_before(key, node):
         _cache.store(key, node, result, epoch)
-    return result
+        return result, False
+    return result, True
 
 
-def _states(result: FlattenResult) -> list[State]:
+def _walk(node: Any, filters: tuple) -> FlattenResult:
+    """A walk whose state dicts the caller must not mutate."""
+    return _walk_owned(node, filters)[0]
+
+
+def _states(result: FlattenResult, owned: bool) -> list[State]:
+    if owned:
+        return [State._from_dict_unsafe(s) for s in result.states]
     return [State._from_dict_unsafe(_copy_nested(s)) for s in result.states]
 
 
@@ -100,9 +113,9 @@ def split(node: A, *filters: Any, graph: bool | None = None) -> tuple[Any, ...]:
       >>> list(params), list(counts)
       (['w'], ['n'])
     """
-    result = _walk(node, filters)
+    result, owned = _walk_owned(node, filters)
     _check_tree_mode(result, graph)
-    return (result.graphdef, *_states(result))
+    return (result.graphdef, *_states(result, owned))
 
 
 def state(node: Any, *filters: Any, graph: bool | None = None) -> Any:
@@ -120,11 +133,11 @@ def state(node: Any, *filters: Any, graph: bool | None = None) -> Any:
       ['mean']
     """
     if filters and _normalize_filters(filters):
-        result = _walk(node, (*filters, ...))
-        states = _states(result)[:-1]
+        result, owned = _walk_owned(node, (*filters, ...))
+        states = _states(result, owned)[:-1]
     else:
-        result = _walk(node, ())
-        states = _states(result)
+        result, owned = _walk_owned(node, ())
+        states = _states(result, owned)
     _check_tree_mode(result, graph)
     return states[0] if len(states) == 1 else tuple(states)
 
@@ -441,6 +454,7 @@ def recursive_map(f: Callable[[tuple, Any], Any], node: Any) -> Any:
                 new = visit(child, (*path, key))
                 if new is not child:
                     value.__dict__[key] = new
+                    value.__dict__[_STATE_ATTR].invalidate()
         elif isinstance(value, (list, dict)):
             for key, child in _children(value):
                 value[key] = visit(child, (*path, key))

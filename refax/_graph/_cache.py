@@ -34,7 +34,7 @@ _STRUCTURAL_FILTER_TYPES = (
 class _Entry:
     __slots__ = ("ref", "epoch", "result", "__weakref__")
 
-    def __init__(self, ref: Any, epoch: int, result: FlattenResult):
+    def __init__(self, ref: Any, epoch: int, result: FlattenResult | None):
         self.ref = ref
         self.epoch = epoch
         self.result = result
@@ -67,7 +67,7 @@ def cache_key(root: Any, filters: tuple) -> tuple | None:
 
 def lookup(key: tuple, root: Any) -> FlattenResult | None:
     entry = _CACHE.get(key)
-    if entry is None:
+    if entry is None or entry.result is None:
         return None
     if entry.ref() is not root or entry.epoch != EPOCH.value:
         return None
@@ -78,12 +78,25 @@ def lookup(key: tuple, root: Any) -> FlattenResult | None:
     return result
 
 
-def store(key: tuple, root: Any, result: FlattenResult, epoch: int) -> None:
+def seen_before(key: tuple, root: Any) -> bool:
+    """True if ``root`` was walked before with these filters; otherwise remembers it.
+
+    Walks are cached from the second one on: a one-off ``split`` then hands its fresh state
+    dicts to the caller instead of paying for a copy that a cache entry would need.
+    """
+    entry = _CACHE.get(key)
+    if entry is not None and entry.ref() is root:
+        return True
+    store(key, root, None, -1)
+    return False
+
+
+def store(key: tuple, root: Any, result: FlattenResult | None, epoch: int) -> None:
     if len(_CACHE) >= _MAX_ENTRIES:
         for k in list(_CACHE)[: _MAX_ENTRIES // 4]:
             del _CACHE[k]
     try:
-        ref = weakref.ref(root, lambda _, k=key: _CACHE.pop(k, None))
+        ref = weakref.ref(root, lambda _, k=key, c=_CACHE: c.pop(k, None))
     except TypeError:  # pragma: no cover - not weak-referenceable
         return
     _CACHE[key] = _Entry(ref, epoch, result)

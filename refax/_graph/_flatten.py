@@ -16,9 +16,23 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import numpy as np
 
 from refax._graph._graphdef import ARR, DICT, LIST, OBJ, REF, STATIC, TREE, TUPLE, VAR, GraphDef
+from refax._kinds import (
+    K_ARRAY,
+    K_DICT,
+    K_LIST,
+    K_OBJ,
+    K_OTHER,
+    K_SKIP,
+    K_STATIC,
+    K_TREE,
+    K_TUPLE,
+    K_VAR,
+    KIND,
+    all_static,
+    kind_of,
+)
 from refax._object import ObjectState, Pytree
 from refax._statelib import State
 from refax._tracers import bump_epoch, current_trace
@@ -28,47 +42,8 @@ from refax.errors import FilterError, GraphStructureError, UnhashableStaticError
 _STATE_ATTR = "_pytree__state"
 _MISSING = object()
 
-# Value categories, cached per type.
-K_STATIC, K_ARRAY, K_VAR, K_OBJ, K_LIST, K_TUPLE, K_DICT, K_TREE, K_OTHER, K_SKIP = range(10)
-_KIND: dict[type, int] = {
-    int: K_STATIC,
-    float: K_STATIC,
-    bool: K_STATIC,
-    str: K_STATIC,
-    bytes: K_STATIC,
-    complex: K_STATIC,
-    type(None): K_STATIC,
-    type: K_STATIC,
-    list: K_LIST,
-    tuple: K_TUPLE,
-    dict: K_DICT,
-    np.ndarray: K_ARRAY,
-    jax.ShapeDtypeStruct: K_ARRAY,
-    ObjectState: K_SKIP,
-}
-
-
-def kind_of(value: Any) -> int:
-    """Classifies a value for the graph walk (cached per type)."""
-    t = type(value)
-    k = _KIND.get(t)
-    if k is None:
-        if issubclass(t, Variable):
-            k = K_VAR
-        elif issubclass(t, Pytree):
-            k = K_OBJ
-        elif isinstance(value, (jax.Array, np.ndarray)):
-            k = K_ARRAY
-        elif issubclass(t, np.generic) or (
-            t.__hash__ is object.__hash__ and not isinstance(value, (list, dict))
-        ):
-            k = K_STATIC  # identity-hashed (functions, classes, plain objects): always hashable
-        else:
-            leaves, treedef = jax.tree_util.tree_flatten(value)
-            is_leaf = treedef.num_nodes == 1 and treedef.num_leaves == 1
-            k = K_OTHER if is_leaf else K_TREE
-        _KIND[t] = k
-    return k
+_KIND = KIND
+_KIND[ObjectState] = K_SKIP
 
 
 def is_graph_node(value: Any) -> bool:
@@ -201,11 +176,22 @@ def flatten(
             if st is not None:
                 st.tracked = True
                 static_names = st.static_names
-            snames: list[str] = []
-            svals: list[Any] = []
-            dyn: list[tuple[str, tuple]] = []
+            dyn: list[tuple[Any, tuple]] = []
             out0 = outs[0]
-            for name, v in d.items():
+            statics = st.statics if st is not None else None
+            if statics is not None and len(statics) + len(st.dynamic) + 1 == len(d):
+                # Fast path: attribute kinds were recorded on assignment.
+                snames_t = tuple(statics)
+                svals_t = tuple(statics.values())
+                items = [(name, d[name]) for name in st.dynamic]
+                snames: list[Any] = []
+                svals: list[Any] = []
+            else:
+                snames_t = svals_t = None
+                items = d.items()
+                snames = []
+                svals = []
+            for name, v in items:
                 kv = kind_table.get(type(v))
                 if kv is None:
                     kv = kind_of(v)
@@ -235,12 +221,20 @@ def flatten(
                 elif kv == K_OTHER or name in static_names:
                     snames.append(name)
                     svals.append(_hashable(v, path + (name,)))
-                elif kv == K_TUPLE and _all_static(v):
+                elif kv == K_TUPLE and all_static(v):
                     snames.append(name)
                     svals.append(v)
                 else:
                     dyn.append((name, child(v, name, path + (name,), outs, kv)))
-            return (OBJ, type(value), idx, tuple(snames), tuple(svals), tuple(dyn))
+            if snames_t is None:
+                if st is not None:  # record the kinds for the next walk
+                    st.statics = dict(zip(snames, svals))
+                    st.dynamic = dict.fromkeys(name for name, _ in dyn)
+                snames_t, svals_t = tuple(snames), tuple(svals)
+            elif snames:  # a recorded dynamic attribute now holds a static value
+                snames_t += tuple(snames)
+                svals_t += tuple(svals)
+            return (OBJ, type(value), idx, snames_t, svals_t, tuple(dyn))
         if k == K_LIST or k == K_TUPLE:
             if k == K_LIST:
                 snapshots.append((value, tuple(value)))
@@ -305,16 +299,6 @@ def flatten(
 
 def _filter_name(f: Any) -> str:
     return f.__name__ if isinstance(f, type) else repr(f)
-
-
-def _all_static(t: tuple) -> bool:
-    for v in t:
-        kv = _KIND.get(type(v))
-        if kv is None:
-            kv = kind_of(v)
-        if kv != K_STATIC and not (kv == K_TUPLE and _all_static(v)):
-            return False
-    return True
 
 
 def _hashable(value: Any, path: tuple) -> Any:
@@ -401,9 +385,6 @@ def unflatten(
     changed = [False]
     trace = current_trace()
 
-    def new_state() -> ObjectState:
-        return ObjectState._fresh(trace)
-
     def extra_keys(sub: Any, expected: list, path: tuple) -> None:
         extra = [k for k in sub if k not in expected]
         if extra:
@@ -457,9 +438,12 @@ def unflatten(
             target = existing.get(idx) if existing is not None else None
             if target is not None:
                 obj = target
+                target.__dict__[_STATE_ATTR].invalidate()
             else:
                 obj = object.__new__(cls)
-                obj.__dict__[_STATE_ATTR] = new_state()
+                obj.__dict__[_STATE_ATTR] = ObjectState._fresh(
+                    trace, dict(zip(snames, svals)), dict.fromkeys(name for name, _ in dyn)
+                )
             nodes[idx] = obj
             sub = _as_dict(sub) if sub is not _MISSING else _EMPTY
             values = dict(zip(snames, svals))
