@@ -78,7 +78,15 @@ class ObjectState:
       data_names: attributes forced data with :func:`data`.
     """
 
-    __slots__ = ("trace_state", "tracked", "static_names", "data_names", "statics", "dynamic")
+    __slots__ = (
+        "trace_state",
+        "tracked",
+        "static_names",
+        "data_names",
+        "statics",
+        "dynamic",
+        "shared",
+    )
 
     def __init__(self) -> None:
         self.trace_state = current_trace()
@@ -90,19 +98,32 @@ class ObjectState:
         # None means unknown (the next walk recomputes them).
         self.statics: dict[str, Any] | None = {}
         self.dynamic: dict[Any, None] | None = {}
+        self.shared = False  # statics/dynamic are templates shared with a merge plan
 
     @classmethod
     def _fresh(cls, trace: Any, statics: Any = None, dynamic: Any = None) -> ObjectState:
+        """A state for an object built by merge: the kind tables are the plan's templates,
+        shared until the first change (copy on write)."""
         st = object.__new__(cls)
         st.trace_state = trace
         st.tracked = False
         st.static_names = st.data_names = frozenset()
         st.statics = statics
         st.dynamic = dynamic
+        st.shared = True
         return st
+
+    def _own_tables(self) -> None:
+        if self.shared:
+            if self.statics is not None and self.dynamic is not None:
+                self.statics = dict(self.statics)
+                self.dynamic = dict(self.dynamic)
+            self.shared = False
 
     def record(self, name: Any, value: Any) -> None:
         """Keeps the attribute-kind tables current after ``name`` was set to ``value``."""
+        if self.shared:
+            self._own_tables()
         statics, dynamic = self.statics, self.dynamic
         if statics is None or dynamic is None:
             return
@@ -120,12 +141,15 @@ class ObjectState:
             statics.pop(name, None)
 
     def forget(self, name: Any) -> None:
+        if self.shared:
+            self._own_tables()
         if self.statics is not None and self.dynamic is not None:
             self.statics.pop(name, None)
             self.dynamic.pop(name, None)
 
     def invalidate(self) -> None:
         self.statics = self.dynamic = None
+        self.shared = False
 
     def __repr__(self) -> str:
         return f"ObjectState(tracked={self.tracked})"

@@ -13,9 +13,21 @@ from jax._src import core as _jax_core
 _get_opaque = _jax_core.get_opaque_trace_state
 
 
+_LAST = [None]
+
+
 def current_trace():
-    """Returns an opaque, comparable token for the JAX trace currently active."""
-    return _get_opaque(convention="flax")
+    """Returns an opaque, comparable token for the JAX trace currently active.
+
+    Equal consecutive tokens are interned (the previous object is returned), so most objects
+    made under one trace share one token and checks can compare identity first.
+    """
+    token = _get_opaque(convention="flax")
+    last = _LAST[0]
+    if last is not None and token == last:
+        return last
+    _LAST[0] = token
+    return token
 
 
 class _Epoch:

@@ -225,7 +225,9 @@ class Variable(Generic[A]):
 
     # -- value access -----------------------------------------------------------------------
     def _check_trace(self) -> None:
-        if self._trace_state != current_trace():
+        ts = self._trace_state
+        cur = current_trace()
+        if ts is not cur and ts != cur:
             raise TraceContextError(
                 f"Cannot mutate {type(self).__name__} from a different trace level: it was "
                 "created outside the current transform and captured by closure. Pass the "

@@ -25,8 +25,8 @@ from refax._graph._graphdef import GraphDef
 from refax._graph._plan import _Mismatch, run_plan
 from refax._object import Module, Pytree
 from refax._statelib import State
-from refax._tracers import EPOCH
-from refax._variables import Variable
+from refax._tracers import EPOCH, current_trace
+from refax._variables import Variable, _set_raw
 from refax.errors import GraphStructureError
 
 A = TypeVar("A")
@@ -205,23 +205,26 @@ def update(node: Any, state: Any, /, *states: Any) -> None:
     Raises:
       GraphStructureError: naming the path when the State has a key ``node`` lacks.
     """
+    trace = current_trace()
     for s in (state, *states):
         if isinstance(s, GraphState):
             s = s.state
-        _update(node, _as_dict(s), ())
+        _update(node, _as_dict(s), (), trace)
 
 
-def _update(node: Any, d: Any, path: tuple) -> None:
+def _update(node: Any, d: Any, path: tuple, trace: Any) -> None:
+    nd = node.__dict__ if isinstance(node, Pytree) else None
     for key, sub in d.items():
-        sub = _as_dict(sub)
-        if isinstance(node, Pytree):
-            current = node.__dict__.get(key, _MISSING) if isinstance(key, str) else _MISSING
+        if type(sub) is not dict:
+            sub = _as_dict(sub)
+        if nd is not None:
+            current = nd.get(key, _MISSING) if key != _STATE_ATTR else _MISSING
         elif isinstance(node, dict):
             current = node.get(key, _MISSING)
         elif isinstance(node, (list, tuple)) and isinstance(key, int) and key < len(node):
             current = node[key]
         else:
-            current = getattr(node, key, _MISSING) if isinstance(key, str) else _MISSING
+            current = _MISSING
         if current is _MISSING:
             raise GraphStructureError(
                 f"Cannot update {type(node).__name__} at '{'.'.join(map(str, (*path, key)))}': "
@@ -229,16 +232,23 @@ def _update(node: Any, d: Any, path: tuple) -> None:
                 "object, or merge into a new object instead."
             )
         if isinstance(current, Variable):
+            if sub is current:
+                continue
+            ts = current._trace_state
+            if ts is not trace and ts != trace:
+                current._check_trace()  # raises TraceContextError
             if isinstance(sub, Variable):
-                if sub is not current:
-                    current.update_from_state(sub)
+                _set_raw(current, sub._raw_value)
+                meta = sub._var_metadata
+                if meta is not current._var_metadata and meta != current._var_metadata:
+                    current.set_metadata(dict(meta))
             else:
-                current.set_raw_value(sub)
+                _set_raw(current, sub)
         elif type(sub) is dict:
-            _update(current, sub, (*path, key))
+            _update(current, sub, (*path, key), trace)
         else:
             value = sub.get_value() if isinstance(sub, Variable) else sub
-            if isinstance(node, Pytree):
+            if nd is not None:
                 setattr(node, key, value)
             else:
                 node[key] = value

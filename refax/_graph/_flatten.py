@@ -230,6 +230,7 @@ def flatten(
                 if st is not None:  # record the kinds for the next walk
                     st.statics = dict(zip(snames, svals))
                     st.dynamic = dict.fromkeys(name for name, _ in dyn)
+                    st.shared = False
                 snames_t, svals_t = tuple(snames), tuple(svals)
             elif snames:  # a recorded dynamic attribute now holds a static value
                 snames_t += tuple(snames)
