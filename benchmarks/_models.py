@@ -60,7 +60,9 @@ def make_model_classes(nnx: ModuleType) -> tuple[type, type, type, type]:
             self.kernel_init = kernel_init
             self.bias_init = bias_init
             self.kernel = nnx.Param(kernel_init(key, (in_features, out_features), param_dtype))
-            self.bias = nnx.Param(bias_init(key, (out_features,), param_dtype)) if use_bias else None
+            self.bias = (
+                nnx.Param(bias_init(key, (out_features,), param_dtype)) if use_bias else None
+            )
 
         def __call__(self, x: jax.Array) -> jax.Array:
             y = jnp.dot(x, self.kernel[...], precision=self.precision)

@@ -7,18 +7,24 @@
 * the garbage collector is collected once, then disabled while timing;
 * ``number`` calls per repeat, chosen so that one repeat lasts at least ``MIN_REPEAT_S``
   (sub-microsecond clock noise stays negligible) -- only when there is no per-call ``setup``;
-* ``repeats`` chosen so that the whole measurement lasts about ``target_s`` (0.3 s by default,
-  ``quick`` lowers it), never fewer than ``min_repeats``;
+* ``repeats`` chosen so that the measurement lasts about ``target_s``, never fewer than
+  ``min_repeats``;
 * the reported figure is the median over repeats of the per-call time.
+
+On a shared machine a burst of load can hit one measurement and spare the next, which skews
+ratios. Suites therefore measure in ``Settings.rounds`` interleaved rounds (every figure once
+per round, with ``Settings.per_round()``) and ``pool`` the samples: each median is then drawn
+from the whole run, and a burst hits all figures alike.
 """
 
 from __future__ import annotations
 
 import gc
+import math
 import statistics
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 MIN_REPEAT_S = 200e-6  # a repeat shorter than this is made of several calls
@@ -27,29 +33,56 @@ MAX_NUMBER = 1 << 16
 
 @dataclass(frozen=True)
 class Timing:
-    """Result of one measurement; times are seconds per call."""
+    """Result of a measurement; ``samples`` are seconds per call, one per repeat."""
 
-    median: float
-    q1: float
-    q3: float
-    repeats: int
+    samples: tuple[float, ...]
     number: int
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    @property
+    def repeats(self) -> int:
+        return len(self.samples)
 
     @property
     def spread(self) -> float:
         """Inter-quartile range relative to the median (0.05 = +-5 % noise)."""
-        return (self.q3 - self.q1) / self.median if self.median else 0.0
+        if len(self.samples) < 4:
+            return 0.0
+        q1, _, q3 = statistics.quantiles(self.samples, n=4)
+        return (q3 - q1) / self.median if self.median else 0.0
+
+
+def pool(timings: Sequence[Timing]) -> Timing:
+    """One Timing holding the samples of several measurements of the same operation."""
+    return Timing(tuple(x for t in timings for x in t.samples), max(t.number for t in timings))
 
 
 @dataclass(frozen=True)
 class Settings:
-    target_s: float = 0.3  # total timed time per measurement
-    min_repeats: int = 5
-    max_repeats: int = 2000
+    target_s: float = 0.45  # total timed time per figure, over all rounds
+    min_repeats: int = 9  # per figure, over all rounds
+    max_repeats: int = 3000
+    rounds: int = 3
 
     @classmethod
     def for_mode(cls, quick: bool) -> Settings:
-        return cls(target_s=0.05, min_repeats=3, max_repeats=200) if quick else cls()
+        if quick:
+            return cls(target_s=0.05, min_repeats=3, max_repeats=200, rounds=1)
+        return cls()
+
+    def per_round(self) -> Settings:
+        """The settings of one of ``rounds`` interleaved measurements."""
+        r = self.rounds
+        return replace(
+            self,
+            target_s=self.target_s / r,
+            min_repeats=max(1, math.ceil(self.min_repeats / r)),
+            max_repeats=max(1, self.max_repeats // r),
+            rounds=1,
+        )
 
 
 def _run(fn: Callable[[], Any], setup: Callable[[], Any] | None, number: int) -> float:
@@ -80,7 +113,8 @@ def measure(
       fn: the operation, called without arguments; its result is discarded.
       setup: called (untimed) before every timed call of ``fn``, e.g. to clear a cache so that
         each call is a first call. With a setup every repeat is a single call.
-      settings: repeat policy; ``Settings()`` by default.
+      settings: repeat policy; ``Settings()`` by default (``rounds`` is ignored here: see
+        ``measure_interleaved``).
     """
     s = settings or Settings()
     gc_was_enabled = gc.isenabled()
@@ -97,16 +131,40 @@ def measure(
                 t = _run(fn, None, number)
         repeats = int(s.target_s / max(t, 1e-9))
         repeats = max(s.min_repeats, min(s.max_repeats, repeats))
-        times = [_run(fn, setup, number) / number for _ in range(repeats)]
+        times = tuple(_run(fn, setup, number) / number for _ in range(repeats))
     finally:
         if gc_was_enabled:
             gc.enable()
         gc.collect()
-    if len(times) >= 4:
-        q1, _, q3 = statistics.quantiles(times, n=4)
-    else:
-        q1, q3 = min(times), max(times)
-    return Timing(statistics.median(times), q1, q3, repeats, number)
+    return Timing(times, number)
+
+
+Job = tuple[Callable[[], Any], Callable[[], Any] | None]  # (fn, setup)
+
+
+def measure_interleaved(jobs: dict[Any, Job], settings: Settings) -> dict[Any, Timing]:
+    """Times every ``(fn, setup)`` job in ``settings.rounds`` interleaved rounds, pooled.
+
+    Each round measures all jobs once with ``settings.per_round()``; odd rounds run in reverse
+    order so that no job always follows the same neighbour.
+    """
+    per_round = settings.per_round()
+    samples: dict[Any, list[Timing]] = {key: [] for key in jobs}
+    order = list(jobs)
+    for r in range(settings.rounds):
+        for key in order if r % 2 == 0 else reversed(order):
+            fn, setup = jobs[key]
+            samples[key].append(measure(fn, setup=setup, settings=per_round))
+    return {key: pool(ts) for key, ts in samples.items()}
+
+
+def _sig3(x: float) -> str:
+    """``x`` with three significant figures and no exponent (``161``, ``9.66``, ``0.0395``)."""
+    if x == 0 or not math.isfinite(x):
+        return f"{x:g}"
+    x = float(f"{x:.3g}")  # round first so that 0.99996 becomes 1.00, not 1.000
+    decimals = max(0, 2 - math.floor(math.log10(abs(x))))
+    return f"{x:.{decimals}f}"
 
 
 def fmt_time(seconds: float | None) -> str:
@@ -114,15 +172,15 @@ def fmt_time(seconds: float | None) -> str:
     if seconds is None:
         return "-"
     for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
-        if seconds >= scale:
-            return f"{seconds / scale:#.3g} {unit}"
-    return f"{seconds / 1e-9:#.3g} ns"
+        if seconds >= scale * 0.9995:
+            return f"{_sig3(seconds / scale)} {unit}"
+    return f"{_sig3(seconds / 1e-9)} ns"
 
 
 def fmt_ratio(ratio: float | None) -> str:
     if ratio is None:
         return "-"
-    return f"{ratio:#.3g}x" if ratio < 100 else f"{ratio:.0f}x"
+    return f"{_sig3(ratio)}x"
 
 
 @dataclass

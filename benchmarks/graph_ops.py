@@ -23,11 +23,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import jax
-
 from _models import make_model_classes, preset_inits, pure_dict
-from _timing import Settings, SuiteResult, Timing, fmt_ratio, fmt_time, measure
+from _timing import Settings, SuiteResult, Timing, fmt_ratio, fmt_time, measure_interleaved
 
-TITLE = "graph_ops: split / state / graphdef / merge / update / clone"
+TITLE = "split / state / graphdef / merge / update / clone: refax vs flax.nnx vs jax.tree"
 NUM_BLOCKS = 250
 WIDTH = 8
 
@@ -126,19 +125,19 @@ def run(settings: Settings) -> SuiteResult:
     tree = pure_dict(fns["refax"]["_model"]())
     leaves, treedef = jax.tree.flatten(tree)
     n_leaves = len(leaves)
-    limits = {
-        "flatten": measure(lambda: jax.tree.flatten(tree), settings=settings),
-        "unflatten": measure(lambda: jax.tree.unflatten(treedef, leaves), settings=settings),
+    jobs: dict[tuple[str, str], Any] = {
+        ("limit", "flatten"): (lambda: jax.tree.flatten(tree), None),
+        ("limit", "unflatten"): (lambda: jax.tree.unflatten(treedef, leaves), None),
     }
-
-    timings: dict[tuple[str, str], Timing] = {}
     for op in OPS:
-        setup = clear if op.first else None
-        timings["refax", op.name] = measure(fns["refax"][op.name], setup=setup, settings=settings)
+        jobs["refax", op.name] = (fns["refax"][op.name], clear if op.first else None)
+        if op.flax_as is None:
+            jobs["flax", op.name] = (fns["flax"][op.name], None)
+    timings = measure_interleaved(jobs, settings)
+    for op in OPS:
         if op.flax_as is not None:
             timings["flax", op.name] = timings["flax", op.flax_as]
-        else:
-            timings["flax", op.name] = measure(fns["flax"][op.name], settings=settings)
+    limits = {name: timings["limit", name] for name in ("flatten", "unflatten")}
 
     headers = ["op", "refax", "flax", "limit", "refax/limit", "flax/limit", "refax/flax"]
     headers += ["target", "refax"]
@@ -172,12 +171,15 @@ def run(settings: Settings) -> SuiteResult:
         rows.append([f"limit: jax.tree.{name}", "-", "-", fmt_time(limits[name].median)])
         rows[-1] += ["-"] * (len(headers) - len(rows[-1]))
 
+    shared = {("flax", op.name) for op in OPS if op.flax_as is not None}
     noisy = [
-        f"{lib} {op}" for (lib, op), t in timings.items() if t.spread > 0.25 and t.repeats >= 4
+        f"{lib} {op}"
+        for (lib, op), t in timings.items()
+        if (lib, op) not in shared and t.spread > 0.25 and t.repeats >= 4
     ]
     notes = [
-        f"model: {NUM_BLOCKS} blocks x (Linear + LayerNorm), width {WIDTH}: {n_leaves} Params; "
-        f"refax {getattr(refax, '__version__', '?')}, flax {flax.__version__}",
+        f"model: {NUM_BLOCKS} blocks x (Linear + LayerNorm), width {WIDTH}: {n_leaves} Params "
+        f"(flax {flax.__version__} on the same layer code)",
         "limit = jax.tree.flatten (walk rows) / jax.tree.unflatten (merge) of a plain nested "
         f"dict of the same {n_leaves} arrays",
         "first = refax flatten cache cleared before every timed call; repeated = unchanged "
@@ -187,6 +189,12 @@ def run(settings: Settings) -> SuiteResult:
         "construct (preset arrays): initializers return preallocated arrays, so only Module / "
         "Variable creation is timed",
     ]
+    if settings.rounds > 1:
+        notes.append(
+            f"each figure pools {settings.rounds} interleaved rounds (median of "
+            f"{min(t.repeats for t in timings.values())}-"
+            f"{max(t.repeats for t in timings.values())} repeats)"
+        )
     if clear is None:
         notes.append("WARNING: refax._graph._cache.clear not found: 'first' rows may be cached")
     if noisy:

@@ -23,6 +23,41 @@ from _timing import Settings, format_table  # noqa: E402
 SUITES = ("graph_ops",)
 
 
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:  # pragma: no cover - not Linux
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _loadavg() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:  # pragma: no cover
+        return "unknown"
+
+
+def _git_state() -> str:
+    """``<commit> (+ uncommitted changes)`` of the checkout the figures were taken from."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty=+uncommitted changes"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() or "unknown"
+
+
 def environment() -> list[str]:
     import jax
 
@@ -42,12 +77,16 @@ def environment() -> list[str]:
             refax_version = version("refax")
         except PackageNotFoundError:  # pragma: no cover
             refax_version = "?"
+    if hasattr(os, "sched_getaffinity"):
+        nproc = len(os.sched_getaffinity(0))
+    else:  # pragma: no cover - not Linux
+        nproc = os.cpu_count()
     return [
-        f"machine: {platform.machine()}, {os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))})"
-        if hasattr(os, "sched_getaffinity")
-        else f"machine: {platform.machine()}, {os.cpu_count()} CPUs",
+        f"machine: {_cpu_model()} ({platform.machine()} {platform.system()}), nproc {nproc}",
+        f"load average before the run: {_loadavg()}",
         f"python {platform.python_version()}, jax {jax.__version__} "
-        f"({jax.default_backend()}), flax {flax_version}, refax {refax_version}",
+        f"({jax.default_backend()}), flax {flax_version}, refax {refax_version} "
+        f"(git {_git_state()})",
     ]
 
 
@@ -83,12 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{bullet}mode: {'quick' if args.quick else 'full'} (median of repeats, {settings})")
 
     failed: list[str] = []
-    for module in modules:
+    for name, module in zip(names, modules):
         t0 = time.perf_counter()
         result = module.run(settings)
         elapsed = time.perf_counter() - t0
         print()
-        print(f"### {result.title}" if args.markdown else f"== {result.title}")
+        heading = f"{name}: {result.title}"
+        print(f"### {heading}" if args.markdown else f"== {heading}")
         print()
         print(format_table(result.headers, result.rows, markdown=args.markdown))
         print()
