@@ -9,7 +9,7 @@ The limit is what ``jax.tree`` does on a plain nested dict holding the same 1000
 ``jax.tree.flatten`` for walks (split, state, graphdef, update, clone) and
 ``jax.tree.unflatten`` for rebuilds (merge). Ratios are op time / limit time.
 
-"first" rows clear refax's flatten cache (``refax._graph._cache.clear()``, untimed) before
+"first" rows clear refax's flatten cache (``refax._graph._cache.clear(model)``, untimed) before
 every timed call, so each call is a full walk; "repeated" rows call the op again on an
 unchanged model (refax serves it from its cache). flax.nnx has no such cache: its split is a
 full walk every time, so its first and repeated rows are one measurement.
@@ -120,9 +120,11 @@ def run(settings: Settings) -> SuiteResult:
     key = jax.random.key(0)
     libs = {"refax": refax, "flax": fnnx}
     fns = {name: _op_fns(lib, make_model_classes(lib)[3], key) for name, lib in libs.items()}
-    clear = _cache_clear()
+    clear_fn = _cache_clear()
+    refax_model = fns["refax"]["_model"]()
+    clear = (lambda: clear_fn(refax_model)) if clear_fn is not None else None
 
-    tree = pure_dict(fns["refax"]["_model"]())
+    tree = pure_dict(refax_model)
     leaves, treedef = jax.tree.flatten(tree)
     n_leaves = len(leaves)
     jobs: dict[tuple[str, str], Any] = {

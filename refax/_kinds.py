@@ -35,6 +35,18 @@ KIND: dict[type, int] = {
 }
 
 
+_LEAF_TYPES: tuple[type, ...] = ()
+
+
+def register_leaf_type(typ: type) -> None:
+    """Instances of ``typ`` (and subclasses) become state leaves, like arrays."""
+    global _LEAF_TYPES
+    if typ not in _LEAF_TYPES:
+        _LEAF_TYPES = (*_LEAF_TYPES, typ)
+    for t in [t for t in KIND if issubclass(t, typ)]:
+        del KIND[t]
+
+
 def kind_of(value: Any) -> int:
     """Classifies ``value`` (cached per type)."""
     t = type(value)
@@ -44,7 +56,7 @@ def kind_of(value: Any) -> int:
             k = K_VAR
         elif getattr(t, "_refax_object", False):
             k = K_OBJ
-        elif isinstance(value, (jax.Array, np.ndarray)):
+        elif isinstance(value, (jax.Array, np.ndarray)) or issubclass(t, _LEAF_TYPES):
             k = K_ARRAY
         elif issubclass(t, np.generic):
             k = K_STATIC

@@ -86,6 +86,8 @@ class ObjectState:
         "statics",
         "dynamic",
         "shared",
+        "walks",
+        "layout",
     )
 
     def __init__(self) -> None:
@@ -99,9 +101,13 @@ class ObjectState:
         self.statics: dict[str, Any] | None = {}
         self.dynamic: dict[Any, None] | None = {}
         self.shared = False  # statics/dynamic are templates shared with a merge plan
+        self.walks: dict | None = None  # cached graph walks rooted here (refax._graph._cache)
+        self.layout: tuple | None = None  # sorted (static names, values, dynamic names)
 
     @classmethod
-    def _fresh(cls, trace: Any, statics: Any = None, dynamic: Any = None) -> ObjectState:
+    def _fresh(
+        cls, trace: Any, statics: Any = None, dynamic: Any = None, layout: Any = None
+    ) -> ObjectState:
         """A state for an object built by merge: the kind tables are the plan's templates,
         shared until the first change (copy on write)."""
         st = object.__new__(cls)
@@ -111,6 +117,8 @@ class ObjectState:
         st.statics = statics
         st.dynamic = dynamic
         st.shared = True
+        st.walks = None
+        st.layout = layout
         return st
 
     def _own_tables(self) -> None:
@@ -124,6 +132,7 @@ class ObjectState:
         """Keeps the attribute-kind tables current after ``name`` was set to ``value``."""
         if self.shared:
             self._own_tables()
+        self.layout = None
         statics, dynamic = self.statics, self.dynamic
         if statics is None or dynamic is None:
             return
@@ -143,6 +152,7 @@ class ObjectState:
     def forget(self, name: Any) -> None:
         if self.shared:
             self._own_tables()
+        self.layout = None
         if self.statics is not None and self.dynamic is not None:
             self.statics.pop(name, None)
             self.dynamic.pop(name, None)
@@ -150,6 +160,7 @@ class ObjectState:
     def invalidate(self) -> None:
         self.statics = self.dynamic = None
         self.shared = False
+        self.layout = None
 
     def __repr__(self) -> str:
         return f"ObjectState(tracked={self.tracked})"
@@ -194,10 +205,12 @@ _DATA_TYPES: tuple[type, ...] = (jax.Array, np.ndarray, Variable)
 
 
 def register_data_type(typ: type) -> type:
-    """Registers ``typ`` so its instances count as data without an ``nnx.data`` wrapper."""
+    """Registers ``typ`` so its instances count as data (state leaves, like arrays) without
+    an ``nnx.data`` wrapper."""
     global _DATA_TYPES
     if typ not in _DATA_TYPES:
         _DATA_TYPES = (*_DATA_TYPES, typ)
+    _kinds.register_leaf_type(typ)
     return typ
 
 
@@ -398,14 +411,17 @@ def _pytree_flatten_with_keys(obj: Pytree):
         )
         for n in data_names
     ]
-    return children, (tuple(data_names), tuple(static_items))
+    st = obj.__dict__[_STATE_ATTR]
+    marks = (st.static_names, st.data_names)
+    return children, (tuple(data_names), tuple(static_items), marks)
 
 
 def _pytree_unflatten(cls: type, aux: Any, children: Any) -> Any:
-    data_names, static_items = aux
+    data_names, static_items, (static_names, data_marks) = aux
     obj = object.__new__(cls)
     d = obj.__dict__
     d[_STATE_ATTR] = st = ObjectState()
+    st.static_names, st.data_names = static_names, data_marks
     st.invalidate()
     d.update(static_items)
     d.update(zip(data_names, children))
@@ -481,11 +497,11 @@ class Module(Pytree):
 
         return iter_modules(self)
 
-    def iter_children(self) -> Iterator[tuple[str, Module]]:
-        """Yields ``(name, module)`` for the direct Module children of this Module."""
-        from refax._graph import iter_module_children
+    def iter_children(self) -> Iterator[tuple[Any, Any]]:
+        """Yields ``(key, child)`` for the direct graph-node children (Modules, Variables)."""
+        from refax._graph import iter_children
 
-        return iter_module_children(self)
+        return iter_children(self)
 
     def set_attributes(
         self, *filters: Any, raise_if_not_found: bool = True, **attributes: Any

@@ -5,7 +5,7 @@ All of them sit on the single walk in ``_flatten.py`` and the cache in ``_cache.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any, TypeVar
 
 import jax
@@ -154,7 +154,7 @@ def graphdef(node: Any, *, graph: bool | None = None) -> GraphDef:
 
 def merge(
     graphdef: GraphDef | Any,
-    state: Any,
+    state: Any = None,
     /,
     *states: Any,
     copy: bool = False,
@@ -169,7 +169,10 @@ def merge(
       GraphStructureError: when a State lacks a value the GraphDef needs or has extra ones.
     """
     if isinstance(graphdef, GraphState):
-        graphdef, state, states = graphdef.graphdef, graphdef.state, (state, *states)
+        rest = (state, *states) if state is not None else states
+        graphdef, state, states = graphdef.graphdef, graphdef.state, rest
+    if state is None:
+        raise TypeError("merge needs a State: merge(graphdef, state, *states).")
     if not isinstance(graphdef, GraphDef):
         raise TypeError(
             f"merge expects a GraphDef as first argument, got {type(graphdef).__name__}; "
@@ -397,20 +400,30 @@ def as_pure(tree: Any) -> Any:
 pure = as_pure
 
 
-class GraphState:
-    """A GraphDef bundled with one State (``unpack`` returns these); accepted by merge/update."""
+class GraphState(MutableMapping):
+    """A GraphDef bundled with one State (``unpack`` returns these).
+
+    A mutable mapping over the State with attribute access, a JAX pytree (the GraphDef is
+    static), and accepted by ``merge``/``update`` in place of ``(graphdef, state)``.
+    """
 
     __slots__ = ("graphdef", "state")
 
     def __init__(self, graphdef: GraphDef, state: State):
-        self.graphdef = graphdef
-        self.state = state
+        object.__setattr__(self, "graphdef", graphdef)
+        object.__setattr__(self, "state", state)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.state, name)
 
     def __getitem__(self, key: Any) -> Any:
         return self.state[key]
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.state[key] = value
+
+    def __delitem__(self, key: Any) -> None:
+        del self.state[key]
 
     def __iter__(self):
         return iter(self.state)
@@ -422,10 +435,20 @@ class GraphState:
         return f"GraphState({self.graphdef!r}, {self.state!r})"
 
 
-def unpack(node: Any, *filters: Any) -> tuple[GraphState, ...]:
-    """Like ``split`` but returns GraphStates bundling the GraphDef with each State."""
+jax.tree_util.register_pytree_with_keys(
+    GraphState,
+    lambda g: (((jax.tree_util.GetAttrKey("state"), g.state),), g.graphdef),
+    lambda graphdef, children: GraphState(graphdef, children[0]),
+    lambda g: ((g.state,), g.graphdef),
+)
+
+
+def unpack(node: Any, *filters: Any) -> GraphState | tuple[GraphState, ...]:
+    """Like ``split`` but returns GraphStates bundling the GraphDef with each State (a single
+    GraphState for zero or one filter)."""
     graphdef_, *states = split(node, *filters)
-    return tuple(GraphState(graphdef_, s) for s in states)
+    out = tuple(GraphState(graphdef_, s) for s in states)
+    return out[0] if len(out) == 1 else out
 
 
 class _CallProxy:
@@ -453,12 +476,25 @@ def call(graph_state: tuple[GraphDef, Any], /) -> _CallProxy:
 
 
 def recursive_map(f: Callable[[tuple, Any], Any], node: Any) -> Any:
-    """Rebuilds ``node`` bottom-up, replacing each node or leaf by ``f(path, value)``."""
+    """Rebuilds a copy of ``node`` bottom-up, replacing each node or leaf by ``f(path, value)``.
+
+    The input is not modified (it is cloned first); shared nodes are mapped once. Raises
+    ValueError on a reference cycle, which has no bottom to start from.
+    """
+    node = clone(node)
     done: dict[int, Any] = {}
+    active: set[int] = set()
 
     def visit(value: Any, path: tuple) -> Any:
-        if is_graph_node(value) and id(value) in done:
-            return done[id(value)]
+        if is_graph_node(value):
+            if id(value) in done:
+                return done[id(value)]
+            if id(value) in active:
+                raise ValueError(
+                    f"recursive_map found a reference cycle at '{'.'.join(map(str, path))}': "
+                    "a node that contains itself cannot be rebuilt bottom-up."
+                )
+            active.add(id(value))
         if isinstance(value, Pytree):
             for key, child in _children(value):
                 new = visit(child, (*path, key))
@@ -468,19 +504,12 @@ def recursive_map(f: Callable[[tuple, Any], Any], node: Any) -> Any:
         elif isinstance(value, (list, dict)):
             for key, child in _children(value):
                 value[key] = visit(child, (*path, key))
-        elif isinstance(value, tuple):
-            value = (
-                type(value)(visit(c, (*path, i)) for i, c in enumerate(value))
-                if type(value) is tuple
-                else value
-            )
+        elif type(value) is tuple:
+            value = tuple(visit(c, (*path, i)) for i, c in enumerate(value))
         out = f(path, value)
         if is_graph_node(value):
             done[id(value)] = out
+            active.discard(id(value))
         return out
 
-    from refax._tracers import bump_epoch
-
-    out = visit(node, ())
-    bump_epoch()
-    return out
+    return visit(node, ())

@@ -2,25 +2,26 @@
 
 A walk's result stays valid while (1) the global structure epoch is unchanged (no tracked
 Object had an attribute added, deleted or rebound and no Variable's metadata changed) and (2)
-no list or dict seen by the walk was mutated in place (checked by identity against a snapshot).
-Variable *values* are read through the Variables themselves, so value changes never invalidate.
+no mutable container seen by the walk was changed in place (checked by identity against a
+snapshot). Variable *values* are read through the Variables themselves, so value changes never
+invalidate.
 
-Entries are keyed by the root's identity and the filters, hold the root by weak reference, and
-are dropped when the root dies.
+Entries live on the root object itself (``ObjectState.walks``), so they die with it: the cache
+never keeps a model alive. They hold no reference back to the root (no ``nodes`` list), so a
+dropped model is freed by reference counting, without waiting for the cyclic collector.
 """
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 from refax import _filters
 from refax._graph._flatten import FlattenResult, snapshots_valid
 from refax._object import Pytree
-from refax._tracers import EPOCH
+from refax._tracers import EPOCH, bump_epoch
 
-_MAX_ENTRIES = 256
-_CACHE: dict[tuple, _Entry] = {}
+_MAX_PER_OBJECT = 8
+_STATE_ATTR = "_pytree__state"
 _STRUCTURAL_FILTER_TYPES = (
     _filters.OfType,
     _filters.WithTag,
@@ -29,15 +30,7 @@ _STRUCTURAL_FILTER_TYPES = (
     _filters.Everything,
     _filters.Nothing,
 )
-
-
-class _Entry:
-    __slots__ = ("ref", "epoch", "result", "__weakref__")
-
-    def __init__(self, ref: Any, epoch: int, result: FlattenResult | None):
-        self.ref = ref
-        self.epoch = epoch
-        self.result = result
+_SEEN = object()  # marks a root walked once (cached from its second walk on)
 
 
 def _structural(f: Any) -> bool:
@@ -55,25 +48,46 @@ def _structural(f: Any) -> bool:
     return False
 
 
+def _freeze(f: Any) -> Any:
+    if isinstance(f, (tuple, list)):
+        return (type(f), tuple(_freeze(x) for x in f))
+    return (type(f), f)
+
+
 def cache_key(root: Any, filters: tuple) -> tuple | None:
     """The cache key for a walk, or None when the walk must not be cached."""
     if not isinstance(root, Pytree) or not all(_structural(f) for f in filters):
         return None
     try:
-        return (id(root), tuple((type(f), f) for f in filters))
-    except TypeError:  # pragma: no cover - unhashable filters
+        key = tuple(_freeze(f) for f in filters)
+        hash(key)
+    except TypeError:  # pragma: no cover - unhashable filter objects
         return None
+    return key
+
+
+def _walks(root: Any) -> dict | None:
+    st = root.__dict__.get(_STATE_ATTR)
+    if st is None:
+        return None
+    walks = st.walks
+    if walks is None:
+        walks = st.walks = {}
+    return walks
 
 
 def lookup(key: tuple, root: Any) -> FlattenResult | None:
-    entry = _CACHE.get(key)
-    if entry is None or entry.result is None:
+    walks = _walks(root)
+    if walks is None:
         return None
-    if entry.ref() is not root or entry.epoch != EPOCH.value:
+    entry = walks.get(key)
+    if entry is None or entry[1] is _SEEN:
         return None
-    result = entry.result
+    epoch, result = entry
+    if epoch != EPOCH.value:
+        return None
     if result.snapshots and not snapshots_valid(result.snapshots):
-        del _CACHE[key]
+        walks.pop(key, None)
         return None
     return result
 
@@ -84,24 +98,35 @@ def seen_before(key: tuple, root: Any) -> bool:
     Walks are cached from the second one on: a one-off ``split`` then hands its fresh state
     dicts to the caller instead of paying for a copy that a cache entry would need.
     """
-    entry = _CACHE.get(key)
-    if entry is not None and entry.ref() is root:
+    walks = _walks(root)
+    if walks is None:
+        return False
+    if key in walks:
         return True
-    store(key, root, None, -1)
+    _insert(walks, key, (-1, _SEEN))
     return False
 
 
-def store(key: tuple, root: Any, result: FlattenResult | None, epoch: int) -> None:
-    if len(_CACHE) >= _MAX_ENTRIES:
-        for k in list(_CACHE)[: _MAX_ENTRIES // 4]:
-            del _CACHE[k]
-    try:
-        ref = weakref.ref(root, lambda _, k=key, c=_CACHE: c.pop(k, None))
-    except TypeError:  # pragma: no cover - not weak-referenceable
+def store(key: tuple, root: Any, result: FlattenResult, epoch: int) -> None:
+    walks = _walks(root)
+    if walks is None:
         return
-    _CACHE[key] = _Entry(ref, epoch, result)
+    kept = FlattenResult(result.graphdef, result.states, None, result.leaves, result.snapshots)
+    kept.num_refs = result.num_refs
+    _insert(walks, key, (epoch, kept))
 
 
-def clear() -> None:
-    """Drops every cached walk (tests use it to time first walks)."""
-    _CACHE.clear()
+def _insert(walks: dict, key: tuple, entry: tuple) -> None:
+    if len(walks) >= _MAX_PER_OBJECT and key not in walks:
+        walks.pop(next(iter(walks)), None)
+    walks[key] = entry
+
+
+def clear(root: Any | None = None) -> None:
+    """Drops the cached walks of ``root``; without a root, invalidates every cached walk."""
+    if root is None:
+        bump_epoch()
+        return
+    st = root.__dict__.get(_STATE_ATTR) if isinstance(root, Pytree) else None
+    if st is not None:
+        st.walks = None

@@ -12,6 +12,7 @@ updates made inside a transform flow back into the caller's objects.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -31,6 +32,7 @@ from refax._kinds import (
     K_VAR,
     KIND,
     all_static,
+    is_static_value,
     kind_of,
 )
 from refax._object import ObjectState, Pytree
@@ -80,7 +82,7 @@ def _tree_children(value: Any) -> tuple[Any, list[Any], list[Any]]:
 class FlattenResult:
     """Everything one walk produced."""
 
-    __slots__ = ("graphdef", "states", "nodes", "leaves", "snapshots", "num_refs")
+    __slots__ = ("graphdef", "states", "nodes", "leaves", "snapshots", "num_refs", "paths")
 
     def __init__(self, graphdef, states, nodes, leaves, snapshots, num_refs=0):
         self.graphdef: GraphDef = graphdef
@@ -89,6 +91,7 @@ class FlattenResult:
         self.leaves: list[Any] = leaves
         self.snapshots: list[tuple[Any, tuple]] = snapshots
         self.num_refs = num_refs
+        self.paths: list[tuple] | None = None
 
 
 def flatten(
@@ -96,6 +99,7 @@ def flatten(
     predicates: Sequence[Callable[[tuple, Any], bool]] | None = None,
     *,
     filters_repr: Sequence[Any] = (),
+    with_paths: bool = False,
 ) -> FlattenResult:
     """Walks ``root`` once and returns its GraphDef, nested state dicts and bookkeeping.
 
@@ -113,6 +117,7 @@ def flatten(
     refs: list[int] = []
     kind_table = _KIND
     single = predicates is None
+    paths: list[tuple] | None = [] if with_paths else None
 
     # ``outs`` holds, for the node being walked, one output dict per state; leaves are stored
     # under their key, sub-nodes get fresh dicts that are attached only when non-empty.
@@ -137,6 +142,8 @@ def flatten(
             idx = seen[vid] = len(nodes)
             nodes.append(value)
             leaves.append(value)
+            if paths is not None:
+                paths.append(path)
             if single:
                 outs[0][key] = value
             else:
@@ -147,6 +154,8 @@ def flatten(
             return (VAR, type(value), idx, frozen)
         if k == K_ARRAY:
             leaves.append(value)
+            if paths is not None:
+                paths.append(path)
             place(outs, key, path, value)
             return (ARR,)
         if k == K_OBJ and id(value) in seen:
@@ -172,39 +181,29 @@ def flatten(
             nodes.append(value)
             d = value.__dict__
             st: ObjectState | None = d.get(_STATE_ATTR)
-            static_names: frozenset = frozenset()
             if st is not None:
                 st.tracked = True
-                static_names = st.static_names
+                snames_t, svals_t, dnames = layout(d, st, path)
+                static_names, data_names = st.static_names, st.data_names
+            else:
+                snames_t, svals_t, dnames = _classify(d, frozenset(), frozenset(), path)
+                static_names = data_names = frozenset()
             dyn: list[tuple[Any, tuple]] = []
             out0 = outs[0]
-            statics = st.statics if st is not None else None
-            if statics is not None and len(statics) + len(st.dynamic) + 1 == len(d):
-                # Fast path: attribute kinds were recorded on assignment.
-                snames_t = tuple(statics)
-                svals_t = tuple(statics.values())
-                items = [(name, d[name]) for name in st.dynamic]
-                snames: list[Any] = []
-                svals: list[Any] = []
-            else:
-                snames_t = svals_t = None
-                items = d.items()
-                snames = []
-                svals = []
-            for name, v in items:
+            for name in dnames:
+                v = d[name]
                 kv = kind_table.get(type(v))
                 if kv is None:
                     kv = kind_of(v)
-                if kv == K_STATIC:
-                    snames.append(name)
-                    svals.append(v)
-                elif kv == K_VAR:  # inlined: the most common dynamic attribute
+                if kv == K_VAR:  # inlined: the most common dynamic attribute
                     vid = id(v)
                     vidx = seen.get(vid)
                     if vidx is None:
                         vidx = seen[vid] = len(nodes)
                         nodes.append(v)
                         leaves.append(v)
+                        if paths is not None:
+                            paths.append(path + (name,))
                         if single:
                             out0[name] = v
                         else:
@@ -216,25 +215,18 @@ def flatten(
                     else:
                         refs.append(vidx)
                         dyn.append((name, (REF, vidx)))
+                elif name in data_names and kv in (K_STATIC, K_OTHER, K_TUPLE):
+                    dyn.append((name, child(v, name, path + (name,), outs, K_ARRAY)))
+                elif kv == K_STATIC or kv == K_OTHER or name in static_names:
+                    # a static value under a dynamic name (the object's __dict__ was written
+                    # directly): still correct, encoded in place
+                    dyn.append((name, (STATIC, _hashable(v, path + (name,)))))
+                elif kv == K_TUPLE and all_static(v):
+                    dyn.append((name, (STATIC, v)))
                 elif kv == K_SKIP:
                     continue
-                elif kv == K_OTHER or name in static_names:
-                    snames.append(name)
-                    svals.append(_hashable(v, path + (name,)))
-                elif kv == K_TUPLE and all_static(v):
-                    snames.append(name)
-                    svals.append(v)
                 else:
                     dyn.append((name, child(v, name, path + (name,), outs, kv)))
-            if snames_t is None:
-                if st is not None:  # record the kinds for the next walk
-                    st.statics = dict(zip(snames, svals))
-                    st.dynamic = dict.fromkeys(name for name, _ in dyn)
-                    st.shared = False
-                snames_t, svals_t = tuple(snames), tuple(svals)
-            elif snames:  # a recorded dynamic attribute now holds a static value
-                snames_t += tuple(snames)
-                svals_t += tuple(svals)
             return (OBJ, type(value), idx, snames_t, svals_t, tuple(dyn))
         if k == K_LIST or k == K_TUPLE:
             if k == K_LIST:
@@ -253,11 +245,13 @@ def flatten(
             return (LIST if k == K_LIST else TUPLE, tuple(encs))
         if k == K_DICT or k == K_TREE:
             if k == K_DICT:
-                snapshots.append((value, tuple(value.items())))
+                snapshots.append((value, (*value, *value.values())))
                 keys = list(value)
                 children = list(value.values())
             else:
                 treedef, keys, children = _tree_children(value)
+                if not isinstance(value, tuple):  # mutable containers (OrderedDict, ...)
+                    snapshots.append((value, tuple(children)))
             encs = []
             for key, v in zip(keys, children):
                 kv = kind_table.get(type(v))
@@ -293,9 +287,62 @@ def flatten(
             f"the filters ({', '.join(_filter_name(f) for f in filters_repr)}). Add `...` as "
             "the last filter to collect the rest."
         )
-    return FlattenResult(
+    result = FlattenResult(
         GraphDef(enc, len(leaves), len(nodes)), states, nodes, leaves, snapshots, len(refs)
     )
+    result.paths = paths
+    return result
+
+
+def _sorted(keys: Any) -> tuple:
+    """Attribute names in canonical (sorted) order; mixed key types sort by type name first."""
+    try:
+        return tuple(sorted(keys))
+    except TypeError:
+        try:
+            return tuple(sorted(keys, key=lambda k: (type(k).__name__, k)))
+        except TypeError:
+            return tuple(keys)
+
+
+def _classify(d: dict, static_names: frozenset, data_names: frozenset, path: tuple) -> tuple:
+    """Splits an object's attributes into sorted static names/values and dynamic names."""
+    statics = {}
+    dynamic = []
+    for name, v in d.items():
+        if name == _STATE_ATTR:
+            continue
+        if name in data_names:
+            dynamic.append(name)
+        elif name in static_names:
+            statics[name] = _hashable(v, (*path, name))
+        elif is_static_value(v):
+            statics[name] = v
+        else:
+            dynamic.append(name)
+    snames = _sorted(statics)
+    return snames, tuple(statics[n] for n in snames), _sorted(dynamic)
+
+
+def layout(d: dict, st: ObjectState, path: tuple) -> tuple:
+    """The object's (static names, static values, dynamic names), cached on its ObjectState.
+
+    Kinds are recorded on assignment (``ObjectState.record``); the cache is trusted while the
+    recorded tables account for every attribute.
+    """
+    lay = st.layout
+    statics, dynamic = st.statics, st.dynamic
+    if statics is not None and dynamic is not None and len(statics) + len(dynamic) + 1 == len(d):
+        if lay is None:
+            snames = _sorted(statics)
+            lay = st.layout = (snames, tuple(statics[n] for n in snames), _sorted(dynamic))
+        return lay
+    lay = _classify(d, st.static_names, st.data_names, path)
+    st.statics = dict(zip(lay[0], lay[1]))
+    st.dynamic = dict.fromkeys(lay[2])
+    st.shared = False
+    st.layout = lay
+    return lay
 
 
 def _filter_name(f: Any) -> str:
@@ -316,22 +363,21 @@ def _hashable(value: Any, path: tuple) -> Any:
 
 
 def snapshots_valid(snapshots: list[tuple[Any, tuple]]) -> bool:
-    """True when no list or dict seen by a walk was mutated since (identity comparison)."""
+    """True when no container seen by a walk was changed since (identity comparison)."""
     for container, snap in snapshots:
-        try:
-            now = tuple(container) if type(container) is list else tuple(container.items())
-            if len(now) != len(snap):
+        t = type(container)
+        if t is list:
+            now = tuple(container)
+        elif t is dict:
+            now = (*container, *container.values())
+        else:
+            try:
+                now = tuple(_tree_children(container)[2])
+            except Exception:
                 return False
-            for a, b in zip(now, snap):
-                if a is not b and not (type(a) is tuple and _same_items(a, b)):
-                    return False
-        except Exception:
+        if len(now) != len(snap) or not all(map(operator.is_, now, snap)):
             return False
     return True
-
-
-def _same_items(a: tuple, b: tuple) -> bool:
-    return len(a) == len(b) and all(x is y or x == y for x, y in zip(a, b))
 
 
 # -- unflatten -------------------------------------------------------------------------------
@@ -373,16 +419,23 @@ def unflatten(
     *,
     copy_variables: bool = False,
     existing: dict[int, Any] | None = None,
+    flat: bool = False,
+    nodes_out: list[Any] | None = None,
 ) -> Any:
     """Builds the graph described by ``graphdef``, taking leaves from the nested ``state`` dict.
 
     Args:
       graphdef: the structure.
-      state: a nested dict (or State) of leaves keyed like the graph's paths.
+      state: a nested dict (or State) of leaves keyed like the graph's paths; with
+        ``flat=True``, a sequence of leaves in walk order (as ``flatten`` lists them).
       copy_variables: build new Variables even when the state holds Variables.
       existing: node index -> object to update in place instead of creating a new one.
+      nodes_out: if given, receives the built nodes by index.
     """
-    nodes: list[Any] = [None] * graphdef.num_nodes
+    nodes: list[Any] = [None] * graphdef.num_nodes if nodes_out is None else nodes_out
+    if nodes_out is not None:
+        nodes_out[:] = [None] * graphdef.num_nodes
+    leaf_iter = iter(state) if flat else None
     changed = [False]
     trace = current_trace()
 
@@ -412,6 +465,8 @@ def unflatten(
         if op == REF:
             return nodes[enc[1]]
         if op == VAR:
+            if leaf_iter is not None:
+                sub = next(leaf_iter)
             if sub is _MISSING:
                 raise missing(path, f"{enc[1].__name__} Variable")
             idx = enc[2]
@@ -431,6 +486,8 @@ def unflatten(
             nodes[idx] = var
             return var
         if op == ARR:
+            if leaf_iter is not None:
+                sub = next(leaf_iter)
             if sub is _MISSING:
                 raise missing(path, "an array")
             return leaf_value(sub)
@@ -442,8 +499,9 @@ def unflatten(
                 target.__dict__[_STATE_ATTR].invalidate()
             else:
                 obj = object.__new__(cls)
+                dnames = tuple(name for name, _ in dyn)
                 obj.__dict__[_STATE_ATTR] = ObjectState._fresh(
-                    trace, dict(zip(snames, svals)), dict.fromkeys(name for name, _ in dyn)
+                    trace, dict(zip(snames, svals)), dict.fromkeys(dnames), (snames, svals, dnames)
                 )
             nodes[idx] = obj
             sub = _as_dict(sub) if sub is not _MISSING else _EMPTY
@@ -454,7 +512,7 @@ def unflatten(
                 if v is not _MISSING:
                     found += 1
                 values[name] = build(c, v, path + (name,))
-            if found != len(sub):
+            if found != len(sub) and leaf_iter is None:
                 extra_keys(sub, [name for name, _ in dyn], path)
             d = obj.__dict__
             if target is not None:
@@ -478,7 +536,7 @@ def unflatten(
             keys, encs = enc[2], enc[3]
         else:  # pragma: no cover
             raise GraphStructureError(f"Corrupt GraphDef entry {enc!r}")
-        if sub:
+        if sub and leaf_iter is None:
             extra_keys(sub, list(keys), path)
         out = [build(c, sub.get(k, _MISSING), path + (k,)) for k, c in zip(keys, encs)]
         if op == LIST:
@@ -492,7 +550,7 @@ def unflatten(
     root_enc = graphdef.root
     if root_enc[0] in (VAR, ARR):
         raise GraphStructureError("A GraphDef of a bare Variable or array cannot be merged.")
-    out = build(root_enc, state, ())
+    out = build(root_enc, _MISSING if flat else state, ())
     if changed[0]:
         bump_epoch()
     return out

@@ -124,13 +124,15 @@ def _compile_object(enc: tuple) -> Builder:
     var_children_t = tuple(var_children)
     other_children_t = tuple(other_children)
     n_state_keys = sum(1 for _, c in dyn if c[0] not in (STATIC, REF))
-    dyn_template = dict.fromkeys(name for name, _ in dyn)
+    dnames = tuple(name for name, _ in dyn)
+    dyn_template = dict.fromkeys(dnames)
+    layout = (snames, svals, dnames)
 
     def build_obj(sub: Any, ctx: _Ctx) -> Any:
         obj = _new(cls)
         ctx.nodes[idx] = obj
         d = obj.__dict__
-        d[_STATE_ATTR] = _fresh_state(ctx.trace, statics, dyn_template)
+        d[_STATE_ATTR] = _fresh_state(ctx.trace, statics, dyn_template, layout)
         d.update(statics)
         s = _sub_dict(sub) if sub is not _MISSING else {}
         if len(s) > n_state_keys:

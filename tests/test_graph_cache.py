@@ -1,0 +1,228 @@
+"""Tests for the flatten cache (refax/_graph/_cache.py): a cached walk must never be stale."""
+
+import collections
+import copy
+import gc
+import threading
+import weakref
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from refax import nnx
+from refax._graph import _cache
+
+
+class Count(nnx.Variable):
+    pass
+
+
+class Linear(nnx.Module):
+    def __init__(self, din=2, dout=2):
+        self.w = nnx.Param(jnp.ones((din, dout)))
+        self.b = nnx.Param(jnp.zeros(dout))
+        self.din = din
+
+
+class Model(nnx.Module):
+    def __init__(self):
+        self.lin = Linear()
+        self.layers = [Linear(), Linear()]
+        self.table = {"stat": nnx.BatchStat(jnp.zeros(2)), "tagged": nnx.Param(1.0, tag="t")}
+        self.count = Count(jnp.array(0))
+        self.arr = jnp.arange(3.0)
+        self.vars = [nnx.Param(jnp.array(0.0)), jnp.array(0.0)]
+
+
+def flat(state):
+    return list(nnx.to_flat_state(state))
+
+
+def paths(state):
+    return {p for p, _ in flat(state)}
+
+
+def lookup(node, path):
+    for key in path:
+        node = getattr(node, key) if isinstance(node, nnx.Pytree) else node[key]
+    return node
+
+
+def signature(node):
+    """An order-independent, uncached description of a graph (iter_graph sorts keys)."""
+    out = []
+    for path, v in nnx.iter_graph(node):
+        if isinstance(v, nnx.Variable | jax.Array | np.ndarray):
+            out.append((path, id(v)))
+        elif isinstance(v, nnx.Pytree | list | tuple | dict):
+            out.append((path, type(v)))
+        else:
+            out.append((path, v))
+    return out
+
+
+def assert_split_fresh(m, *filters):
+    """split(m) describes m as it is now, and hands out m's own leaves."""
+    g, *states = nnx.split(m, *filters)
+    for s in states:
+        for path, leaf in flat(s):
+            assert leaf is lookup(m, path), path
+    assert signature(nnx.merge(g, *states)) == signature(m)
+    return g, states
+
+
+# -- the flatten cache -----------------------------------------------------------------------
+MUTATIONS = {
+    "add_attr": lambda m: setattr(m, "new", nnx.Param(1.0)),
+    "del_attr": lambda m: delattr(m, "count"),
+    "list_append": lambda m: m.layers.append(Linear()),
+    "list_pop": lambda m: m.layers.pop(),
+    "list_replace": lambda m: m.layers.__setitem__(0, Linear(3, 3)),
+    "list_reverse": lambda m: m.layers.reverse(),
+    "dict_set": lambda m: m.table.__setitem__("z", Linear()),
+    "dict_del": lambda m: m.table.pop("stat"),
+    "replace_variable": lambda m: setattr(m.lin, "w", nnx.Param(jnp.zeros(1))),
+    "variable_type": lambda m: setattr(m.lin, "w", nnx.BatchStat(m.lin.w[...])),
+    "static_int": lambda m: setattr(m.lin, "din", 9),
+    "static_in_list_module": lambda m: setattr(m.layers[1], "din", 9),
+    "set_metadata": lambda m: m.lin.w.set_metadata(tag="x"),
+    "metadata_attr": lambda m: setattr(m.lin.b, "tag", "y"),
+    "del_metadata": lambda m: m.table["tagged"].del_metadata("tag"),
+    "raw_array_rebind": lambda m: setattr(m, "arr", jnp.zeros(5)),
+    "share_module": lambda m: setattr(m, "alias", m.layers[0]),
+    "cycle": lambda m: setattr(m.layers[0], "parent", m),
+    "nested_container": lambda m: setattr(m, "nest", {"l": [Linear()]}),
+    "static_to_var": lambda m: setattr(m.lin, "din", nnx.Param(1.0)),
+    "var_to_static": lambda m: setattr(m, "count", "gone"),
+    "update_metadata": lambda m: nnx.update(m, {"count": Count(jnp.array(1), tag="u")}),
+    "eval": lambda m: m.set_attributes(din=4),
+    "sow": lambda m: m.sow(nnx.Intermediate, "seen", 1),
+    "pop": lambda m: nnx.pop(m, nnx.BatchStat),
+    "list_var_equal_value": lambda m: m.vars.__setitem__(0, nnx.BatchStat(jnp.array(0.0))),
+    "list_array_equal_value": lambda m: m.vars.__setitem__(1, jnp.array(0, jnp.int32)),
+    "dict_var_equal_value": lambda m: m.table.__setitem__("tagged", nnx.BatchStat(1.0)),
+    "tuple_in_list": lambda m: m.layers.__setitem__(0, (Count(jnp.array(0)),)),
+}
+
+
+@pytest.mark.parametrize("name", list(MUTATIONS))
+@pytest.mark.parametrize("filters", [(), (nnx.Param, ...)], ids=["all", "filtered"])
+def test_cache_sees_structural_changes(name, filters):
+    m = Model()
+    if name == "tuple_in_list":
+        m.layers[0] = (Count(jnp.array(0)),)
+    for _ in range(3):
+        g_before, _ = assert_split_fresh(m, *filters)
+    MUTATIONS[name](m)
+    g_after, _ = assert_split_fresh(m, *filters)
+    assert_split_fresh(m, *filters)
+    if name not in (
+        "list_reverse",
+        "replace_variable",
+        "raw_array_rebind",
+        "list_array_equal_value",
+        "tuple_in_list",
+    ):
+        assert g_after != g_before
+
+
+@pytest.mark.parametrize(
+    "make",
+    [nnx.clone, copy.deepcopy, lambda m: nnx.merge(*nnx.split(m))],
+    ids=["clone", "deepcopy", "merge"],
+)
+def test_cache_on_rebuilt_objects(make):
+    m = make(Model())
+    for mutate in (MUTATIONS["add_attr"], MUTATIONS["static_int"], MUTATIONS["list_append"]):
+        nnx.split(m)
+        nnx.split(m)
+        mutate(m)
+        assert_split_fresh(m)
+
+
+def test_graphdef_of_copy_of_merged_object():
+    c = nnx.clone(Model())
+    assert nnx.graphdef(copy.deepcopy(c)) == nnx.graphdef(c)
+
+
+def test_cache_sees_ordered_dict_mutation():
+    m = nnx.Module()
+    m.od = collections.OrderedDict(a=nnx.Param(jnp.ones(2)))
+    nnx.split(m)
+    nnx.split(m)
+    m.od["b"] = nnx.Param(jnp.zeros(3))
+    assert ("od", "b") in paths(nnx.split(m)[1])
+
+
+def test_cache_value_changes_seen_without_rewalk():
+    m = Model()
+    g1, _ = nnx.split(m)
+    g2, _ = nnx.split(m)
+    m.lin.w[...] = jnp.full((2, 2), 5.0)
+    m.count[...] += 1
+    g3, s3 = nnx.split(m)
+    assert g3 is g2 and g2 == g1  # the cached walk
+    np.testing.assert_array_equal(s3["lin"]["w"][...], np.full((2, 2), 5.0))
+    assert int(s3["count"][...]) == 1
+    s3["lin"]["extra"] = nnx.Param(1.0)  # mutating a returned State never poisons the cache
+    del s3["count"]
+    _, s4 = nnx.split(m)
+    assert "extra" not in s4["lin"] and s4["count"] is m.count
+
+
+def test_cache_lookup_tolerates_concurrent_eviction(monkeypatch):
+    m = Model()
+    nnx.split(m)
+    nnx.split(m)
+    m.layers.append(Linear())
+
+    def racing(snapshots):
+        _cache.clear()  # what another thread's lookup or eviction does in between
+        return False
+
+    monkeypatch.setattr(_cache, "snapshots_valid", racing)
+    nnx.split(m)
+
+
+def test_cache_eviction_with_dying_roots():
+    for _ in range(300):
+        m = Linear()
+        nnx.split(m)
+        nnx.split(m)  # cached: the entry holds m
+        nnx.split(m, nnx.Param, ...)  # placeholder entry, popped when m dies mid-eviction
+
+
+def test_cache_does_not_keep_models_alive():
+    m = Linear()
+    nnx.split(m)
+    nnx.split(m)
+    ref = weakref.ref(m)
+    del m
+    gc.collect()
+    assert ref() is None
+
+
+def test_split_from_threads():
+    models = [Model() for _ in range(4)]
+    expected = [(nnx.graphdef(m), paths(nnx.state(m))) for m in models]
+    failures = []
+
+    def work(i):
+        try:
+            for j in range(30):
+                m = models[(i + j) % 4]
+                g, s = nnx.split(m)
+                if (g, paths(s)) != expected[(i + j) % 4] or s["lin"]["w"] is not m.lin.w:
+                    failures.append((i, j))
+                nnx.merge(g, s)
+        except Exception as e:  # pragma: no cover - reported below
+            failures.append(repr(e))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
