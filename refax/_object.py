@@ -289,11 +289,7 @@ class Pytree:
     def _check_trace(self) -> None:
         st = self.__dict__.get(_STATE_ATTR)
         if st is not None and st.trace_state != current_trace():
-            raise TraceContextError(
-                f"Cannot mutate {type(self).__name__} from a different trace level: it was "
-                "created outside the current transform and captured by closure. Pass it as an "
-                "argument to the transformed function instead."
-            )
+            raise TraceContextError.for_object(self)
 
     def __setattr__(self, name: str, value: Any) -> None:
         d = self.__dict__

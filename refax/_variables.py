@@ -228,11 +228,7 @@ class Variable(Generic[A]):
         ts = self._trace_state
         cur = current_trace()
         if ts is not cur and ts != cur:
-            raise TraceContextError(
-                f"Cannot mutate {type(self).__name__} from a different trace level: it was "
-                "created outside the current transform and captured by closure. Pass the "
-                "object that holds it as an argument to the transformed function instead."
-            )
+            raise TraceContextError.for_object(self)
 
     def get_value(self, index: Any = _MISSING) -> A:
         """Returns the value (or ``value[index]`` when an index is given)."""

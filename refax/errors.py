@@ -28,6 +28,26 @@ class TraceContextError(RefaxError, RuntimeError):
     pass it as an argument to the transformed function instead.
     """
 
+    DOCS = (
+        "https://flax.readthedocs.io/en/latest/api_reference/flax.errors.html"
+        "#flax.errors.TraceContextError"
+    )
+
+    @classmethod
+    def for_object(cls, obj: object) -> TraceContextError:
+        """The error for mutating ``obj``: the documented message, plus a note with the fix.
+
+        ``str(error)`` is exactly the message the documented API prints; the fix is attached
+        as an exception note, which tracebacks show.
+        """
+        error = cls(f"Cannot mutate {type(obj).__name__} from a different trace level ({cls.DOCS})")
+        error.add_note(
+            f"The {type(obj).__name__} was created outside the current JAX transform and "
+            "captured by closure. Pass the object that holds it as an argument to the "
+            "transformed function instead."
+        )
+        return error
+
 
 class ImmutableVariableError(RefaxError, ValueError):
     """A Variable that holds no mutable state was written to."""

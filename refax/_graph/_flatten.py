@@ -215,7 +215,7 @@ def flatten(
                     else:
                         refs.append(vidx)
                         dyn.append((name, (REF, vidx)))
-                elif name in data_names and kv in (K_STATIC, K_OTHER, K_TUPLE):
+                elif name in data_names and kv in (K_STATIC, K_OTHER, K_TUPLE) and v is not None:
                     dyn.append((name, child(v, name, path + (name,), outs, K_ARRAY)))
                 elif kv == K_STATIC or kv == K_OTHER or name in static_names:
                     # a static value under a dynamic name (the object's __dict__ was written
@@ -227,7 +227,8 @@ def flatten(
                     continue
                 else:
                     dyn.append((name, child(v, name, path + (name,), outs, kv)))
-            return (OBJ, type(value), idx, snames_t, svals_t, tuple(dyn))
+            marks = (static_names, data_names) if static_names or data_names else None
+            return (OBJ, type(value), idx, snames_t, svals_t, tuple(dyn), marks)
         if k == K_LIST or k == K_TUPLE:
             if k == K_LIST:
                 snapshots.append((value, tuple(value)))
@@ -492,7 +493,7 @@ def unflatten(
                 raise missing(path, "an array")
             return leaf_value(sub)
         if op == OBJ:
-            cls, idx, snames, svals, dyn = enc[1:]
+            cls, idx, snames, svals, dyn, marks = enc[1:]
             target = existing.get(idx) if existing is not None else None
             if target is not None:
                 obj = target
@@ -500,9 +501,11 @@ def unflatten(
             else:
                 obj = object.__new__(cls)
                 dnames = tuple(name for name, _ in dyn)
-                obj.__dict__[_STATE_ATTR] = ObjectState._fresh(
+                st = obj.__dict__[_STATE_ATTR] = ObjectState._fresh(
                     trace, dict(zip(snames, svals)), dict.fromkeys(dnames), (snames, svals, dnames)
                 )
+                if marks is not None:
+                    st.static_names, st.data_names = marks
             nodes[idx] = obj
             sub = _as_dict(sub) if sub is not _MISSING else _EMPTY
             values = dict(zip(snames, svals))

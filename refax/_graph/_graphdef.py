@@ -4,9 +4,10 @@ A GraphDef is an immutable nested-tuple *encoding* of the graph produced by one 
 (see ``_flatten.py``). Each entry is a small tuple whose first element is an opcode:
 
 =========================================  ==================================================
-``(OBJ, cls, index, names, values, dyn)``  first visit of an Object: static attribute names
-                                           and values, then ``((name, enc), ...)`` for the
-                                           rest, in attribute insertion order
+``(OBJ, cls, index, names, values, dyn,    first visit of an Object: static attribute names
+marks)``                                   and values, ``((name, enc), ...)`` for the rest
+                                           (names sorted), and the ``nnx.static``/``nnx.data``
+                                           marks (``None`` when there are none)
 ``(VAR, cls, index, metadata)``            first visit of a Variable; consumes one leaf
 ``(REF, index)``                           a later visit of the node with that index
 ``(ARR,)``                                 a raw array attribute; consumes one leaf

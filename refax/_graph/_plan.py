@@ -111,7 +111,7 @@ def _compile(enc: tuple) -> Builder:
 
 
 def _compile_object(enc: tuple) -> Builder:
-    cls, idx, snames, svals, dyn = enc[1:]
+    cls, idx, snames, svals, dyn, marks = enc[1:]
     statics = dict(zip(snames, svals))
     # Variable children are the common case: handled inline, without a call per child.
     var_children: list[tuple[str, type, int, Any]] = []
@@ -132,7 +132,9 @@ def _compile_object(enc: tuple) -> Builder:
         obj = _new(cls)
         ctx.nodes[idx] = obj
         d = obj.__dict__
-        d[_STATE_ATTR] = _fresh_state(ctx.trace, statics, dyn_template, layout)
+        st = d[_STATE_ATTR] = _fresh_state(ctx.trace, statics, dyn_template, layout)
+        if marks is not None:
+            st.static_names, st.data_names = marks
         d.update(statics)
         s = _sub_dict(sub) if sub is not _MISSING else {}
         if len(s) > n_state_keys:

@@ -7,12 +7,8 @@ from tests.spec.conftest import check_cell
 
 DOC = "basics.md"
 N_CELLS = len(load_cells(DOC)) if (SPEC_DIR / DOC).exists() else 14
-# Cells that need parts of the API still being built: the layer library (Dropout, BatchNorm)
-# and the lifted transforms (jit/value_and_grad/Optimizer, vmap/scan).
+# Cells that need parts of the API still being built: the vectorising transforms (vmap/scan).
 PENDING = {
-    4: "nnx.Dropout / nnx.BatchNorm: layer library",
-    5: "nnx.Dropout / nnx.BatchNorm: layer library",
-    6: "nnx.jit, value_and_grad, Optimizer: transforms I",
     7: "nnx.vmap / nnx.scan: transforms II",
     8: "nnx.vmap / nnx.scan: transforms II",
 }

@@ -10,7 +10,6 @@ N_CELLS = len(load_cells(DOC)) if (SPEC_DIR / DOC).exists() else 14
 # Cells that need the lifted transforms, still being built.
 PENDING = {
     **{i: "nnx.vmap / StateAxes / split_rngs: transforms II" for i in range(1, 9)},
-    9: "nnx.jit: transforms I",
     **{i: "nnx.vmap / transform_metadata: transforms II" for i in range(10, 14)},
 }
 

@@ -1,0 +1,1 @@
+"""Lifted transforms: JAX transforms over refax objects, sharing one lifting core (_lift.py)."""

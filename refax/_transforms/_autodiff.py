@@ -1,0 +1,241 @@
+"""``nnx.grad`` / ``nnx.value_and_grad``: gradients with respect to objects' Variables.
+
+``argnums`` selects arguments as in ``jax.grad``; for an argument holding objects the gradient
+is taken with respect to its ``Param`` Variables (or the filter of a ``DiffState(argnum,
+filter)``) and returned as a ``State`` shaped like ``nnx.state(obj, filter)``. Every other
+Variable (BatchStat, RngState, counters) is passed as a non-differentiated input, never
+copied, and its updates still propagate out.
+
+Example:
+  >>> import jax.numpy as jnp
+  >>> from refax import nnx
+  >>> class Scale(nnx.Module):
+  ...   def __init__(self):
+  ...     self.w = nnx.Param(jnp.array(3.0))
+  ...     self.calls = nnx.Variable(jnp.array(0))
+  ...   def __call__(self, x):
+  ...     self.calls += 1
+  ...     return self.w * x
+  >>> m = Scale()
+  >>> loss, grads = nnx.value_and_grad(lambda m, x: m(x) ** 2)(m, 2.0)
+  >>> float(loss), float(grads['w'].value), int(m.calls.value)
+  (36.0, 24.0, 1)
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+
+from refax._statelib import State
+from refax._transforms._jit import check_not_bound_method
+from refax._transforms._lift import (
+    Static,
+    apply_outputs,
+    collect_outputs,
+    rebuild_inputs,
+    split_inputs,
+    static_of,
+)
+from refax._transforms._prefix import DiffState, arg_owners
+from refax._variables import Param, Variable
+
+__all__ = ["grad", "value_and_grad"]
+
+
+def _specs(argnums: int | DiffState | Sequence[int | DiffState]) -> tuple[tuple, bool]:
+    """Normalises ``argnums`` to ((argnum, filter), ...) and whether a single one was given."""
+    single = isinstance(argnums, (int, DiffState))
+    items = (argnums,) if single else tuple(argnums)
+    specs = []
+    for a in items:
+        if isinstance(a, DiffState):
+            specs.append((a.argnum, a.filter))
+        elif isinstance(a, int):
+            specs.append((a, Param))
+        else:
+            raise TypeError(
+                f"argnums entries must be ints or nnx.DiffState, got {type(a).__name__}."
+            )
+    return tuple(specs), single
+
+
+def _differentiate(
+    fun: Callable[..., Any],
+    argnums: int | DiffState | Sequence[int | DiffState],
+    has_aux: bool,
+    holomorphic: bool,
+    allow_int: bool,
+    return_value: bool,
+) -> Callable[..., Any]:
+    check_not_bound_method(fun, "grad")
+    specs, single = _specs(argnums)
+
+    @functools.wraps(fun)
+    def wrapper(*args: Any) -> Any:
+        from refax._filters import to_predicate
+
+        n = len(args)
+        specs_n = tuple(((a % n if a < 0 else a), f) for a, f in specs)
+        for a, _ in specs_n:
+            if not 0 <= a < n:
+                raise ValueError(
+                    f"argnums refers to argument {a} but the function got {n} arguments."
+                )
+        inputs = split_inputs(args, {})
+        owners = arg_owners(inputs, args, {})
+        walk = inputs.walk
+        preds = {a: to_predicate(f) for a, f in specs_n}
+        # which state leaves and which plain leaves are differentiated (and for which argnum)
+        leaf_arg: list[int | None] = []
+        for leaf, path in zip(walk.leaves, walk.paths):
+            owner = owners[inputs.node_pos[path[0]]]
+            pred = preds.get(owner)
+            leaf_arg.append(owner if pred is not None and pred(path[1:], leaf) else None)
+        other_arg = [
+            owners[i] if owners[i] in preds and x is not None else None
+            for i, x in enumerate(inputs.other)
+        ]
+        value_mask = tuple(a is not None for a in leaf_arg)
+        other_mask = tuple(a is not None for a in other_arg)
+        dv = [x for m, x in zip(value_mask, inputs.values) if m]
+        nv = [x for m, x in zip(value_mask, inputs.values) if not m]
+        do = [x for m, x in zip(other_mask, inputs.other) if m]
+        no = [None if m else x for m, x in zip(other_mask, inputs.other)]
+        static = static_of(inputs, (value_mask, other_mask))
+
+        def pure(dv, do, nv, no):
+            graphdef = static.value[0]
+            values = _interleave(value_mask, dv, nv)
+            other = _fill(other_mask, do, no)
+            a, kw, nodes, built = rebuild_inputs(static.value, values, other)
+            out = fun(*a, **kw)
+            if has_aux:
+                if not (isinstance(out, tuple) and len(out) == 2):
+                    raise ValueError(
+                        "has_aux=True requires the function to return a pair (value, aux), "
+                        f"got {type(out).__name__}."
+                    )
+                value, aux = out
+            else:
+                value, aux = out, None
+            info, new_values, out_other = collect_outputs(graphdef, values, nodes, built, aux)
+            return value, (Static(info), new_values, out_other)
+
+        (value, (info, new_values, aux_other)), (g_dv, g_do) = _value_and_grad(
+            pure, holomorphic, allow_int
+        )(dv, do, nv, no)
+        aux = apply_outputs(inputs, info.value, new_values, aux_other)
+        grads = _assemble(
+            args, inputs, owners, specs_n, leaf_arg, value_mask, g_dv, other_arg, g_do
+        )
+        grads = grads[0] if single else tuple(grads)
+        if return_value:
+            return ((value, aux), grads) if has_aux else (value, grads)
+        return (grads, aux) if has_aux else grads
+
+    return wrapper
+
+
+def _value_and_grad(pure: Callable, holomorphic: bool, allow_int: bool) -> Callable:
+    return jax.value_and_grad(
+        pure, argnums=(0, 1), has_aux=True, holomorphic=holomorphic, allow_int=allow_int
+    )
+
+
+def _interleave(mask: tuple, a: list, b: list) -> list:
+    ia, ib = iter(a), iter(b)
+    return [next(ia) if m else next(ib) for m in mask]
+
+
+def _fill(mask: tuple, a: list, base: list) -> list:
+    ia = iter(a)
+    return [next(ia) if m else x for m, x in zip(mask, base)]
+
+
+def _assemble(
+    args: tuple,
+    inputs: Any,
+    owners: list,
+    specs: tuple,
+    leaf_arg: list,
+    value_mask: tuple,
+    g_dv: list,
+    other_arg: list,
+    g_do: list,
+) -> list[Any]:
+    """Per argnum: the argument's pytree with objects replaced by States of their gradients."""
+    walk = inputs.walk
+    # gradient States per argument node (by node position among the call's nodes)
+    node_grads: dict[int, dict] = {}
+    g_iter = iter(g_dv)
+    for leaf, path, m in zip(walk.leaves, walk.paths, value_mask):
+        if not m:
+            continue
+        g = next(g_iter)
+        d = node_grads.setdefault(path[0], {})
+        for key in path[1:-1]:
+            d = d.setdefault(key, {})
+        if len(path) == 1:  # the argument itself is a Variable
+            node_grads[path[0]] = leaf.replace(g) if isinstance(leaf, Variable) else g
+            continue
+        d[path[-1]] = leaf.replace(g) if isinstance(leaf, Variable) else g
+    plain = dict(zip([i for i, a in enumerate(other_arg) if a is not None], g_do))
+    node_at = {p: k for k, p in enumerate(inputs.node_pos)}
+    results = []
+    for argnum, _ in specs:
+        leaves, treedef = jax.tree_util.tree_flatten(args[argnum], is_leaf=_is_node)
+        start = owners.index(argnum) if argnum in owners else 0
+        out = []
+        for j in range(len(leaves)):
+            pos = start + j
+            if pos in node_at:
+                g = node_grads.get(node_at[pos], {})
+                out.append(State._from_dict_unsafe(g) if isinstance(g, dict) else g)
+            else:
+                out.append(plain.get(pos))
+        results.append(jax.tree_util.tree_unflatten(treedef, out))
+    return results
+
+
+def _is_node(x: Any) -> bool:
+    from refax._transforms._lift import is_node
+
+    return is_node(x)
+
+
+def value_and_grad(
+    f: Callable[..., Any] | None = None,
+    argnums: int | DiffState | Sequence[int | DiffState] = 0,
+    has_aux: bool = False,
+    *,
+    holomorphic: bool = False,
+    allow_int: bool = False,
+    graph: bool | None = None,
+    graph_updates: bool | None = None,
+) -> Any:
+    """Lifted ``jax.value_and_grad``: ``(value, grads)`` (``((value, aux), grads)``)."""
+    if f is None:
+        return lambda fn: value_and_grad(
+            fn, argnums, has_aux, holomorphic=holomorphic, allow_int=allow_int
+        )
+    return _differentiate(f, argnums, has_aux, holomorphic, allow_int, return_value=True)
+
+
+def grad(
+    f: Callable[..., Any] | None = None,
+    argnums: int | DiffState | Sequence[int | DiffState] = 0,
+    has_aux: bool = False,
+    *,
+    holomorphic: bool = False,
+    allow_int: bool = False,
+    graph: bool | None = None,
+    graph_updates: bool | None = None,
+) -> Any:
+    """Lifted ``jax.grad``: gradients as a ``State`` for object arguments."""
+    if f is None:
+        return lambda fn: grad(fn, argnums, has_aux, holomorphic=holomorphic, allow_int=allow_int)
+    return _differentiate(f, argnums, has_aux, holomorphic, allow_int, return_value=False)

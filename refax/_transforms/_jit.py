@@ -1,0 +1,322 @@
+"""``nnx.jit``: ``jax.jit`` over functions that take and return refax objects.
+
+Objects may appear anywhere in the arguments and outputs. Every Variable update and every
+structural change made inside (attributes added, deleted, re-shared) is propagated back to the
+caller's objects; objects returned that were inputs keep their identity.
+
+A repeated call on unchanged objects costs what calling ``jax.jit`` on a list of the same
+arrays costs: the graph walk is cached per tuple of argument identities (see ``_lift.py``),
+and compilations are cached on the GraphDef.
+
+Example:
+  >>> import jax.numpy as jnp
+  >>> from refax import nnx
+  >>> class Counter(nnx.Module):
+  ...   def __init__(self):
+  ...     self.count = nnx.Variable(jnp.array(0))
+  >>> @nnx.jit
+  ... def step(counter, x):
+  ...   counter.count += 1
+  ...   return 2 * x
+  >>> c = Counter()
+  >>> step(c, 3.0), step(c, 4.0)
+  (Array(6., dtype=float32, weak_type=True), Array(8., dtype=float32, weak_type=True))
+  >>> c.count.value
+  Array(2, dtype=int32, weak_type=True)
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+
+from refax._transforms._lift import (
+    Inputs,
+    Static,
+    apply_outputs,
+    collect_outputs,
+    is_node,
+    rebuild_inputs,
+    split_inputs,
+)
+from refax._transforms._prefix import StateSharding, resolve_leaf_prefixes
+
+__all__ = ["jit", "JitWrapped", "StateSharding"]
+
+
+def _as_tuple(x: int | str | Sequence[Any] | None) -> tuple:
+    if x is None:
+        return ()
+    if isinstance(x, (int, str)):
+        return (x,)
+    return tuple(x)
+
+
+def check_not_bound_method(fun: Callable[..., Any], transform: str) -> None:
+    """Transforms take functions; a method bound to a Module would be captured by closure."""
+    owner = getattr(fun, "__self__", None)
+    if owner is not None and is_node(owner):
+        raise ValueError(
+            f"nnx.{transform} got a method bound to a {type(owner).__name__} instance. The "
+            "instance would be captured by closure and could not be updated. Decorate the "
+            f"method in the class body (@nnx.{transform}) or pass the module as an argument: "
+            f"nnx.{transform}(lambda m, *a: m.{getattr(fun, '__name__', 'method')}(*a))(module, "
+            "...)."
+        )
+
+
+class JitWrapped:
+    """The callable returned by :func:`jit`."""
+
+    def __init__(
+        self,
+        fun: Callable[..., Any],
+        *,
+        in_shardings: Any = None,
+        out_shardings: Any = None,
+        static_argnums: int | Sequence[int] | None = None,
+        static_argnames: str | Sequence[str] | None = None,
+        donate_argnums: int | Sequence[int] | None = None,
+        donate_argnames: str | Sequence[str] | None = None,
+        keep_unused: bool = False,
+        device: Any = None,
+        backend: str | None = None,
+        inline: bool = False,
+        graph: bool | None = None,
+        graph_updates: bool | None = None,
+    ):
+        check_not_bound_method(fun, "jit")
+        functools.update_wrapper(self, fun)
+        self.fun = fun
+        self.in_shardings = in_shardings
+        self.out_shardings = out_shardings
+        self.static_argnums = _as_tuple(static_argnums)
+        self.static_argnames = _as_tuple(static_argnames)
+        self.donate_argnums = _as_tuple(donate_argnums)
+        self.donate_argnames = _as_tuple(donate_argnames)
+        self.graph = graph
+        self.graph_updates = graph_updates
+        try:
+            self._signature: inspect.Signature | None = inspect.signature(fun)
+        except (TypeError, ValueError):
+            self._signature = None
+        jit_kwargs: dict[str, Any] = {"keep_unused": keep_unused, "inline": inline}
+        if device is not None:
+            jit_kwargs["device"] = device
+        if backend is not None:
+            jit_kwargs["backend"] = backend
+        self._jitted = jax.jit(self._pure, static_argnums=(0,), donate_argnums=(1, 3), **jit_kwargs)
+
+    # -- descriptor: decorating a method in a class body ------------------------------------
+    def __get__(self, obj: Any, objtype: Any = None) -> Any:
+        if obj is None:
+            return self
+        return functools.partial(self, obj)
+
+    # -- the pure function JAX traces ----------------------------------------------------
+    def _pure(
+        self,
+        static: Static,
+        donated_values: list[Any],
+        kept_values: list[Any],
+        donated_other: list[Any],
+        kept_other: list[Any],
+    ):
+        graphdef, treedef, node_pos, extra = static.value
+        static_args, value_mask, other_mask, in_sh, out_sh = extra
+        values = _interleave(value_mask, donated_values, kept_values)
+        other = _interleave(other_mask, donated_other, kept_other)
+        if in_sh is not None:
+            values = [_constrain(x, s) for x, s in zip(values, in_sh)]
+        args, kwargs, nodes, built = rebuild_inputs(static.value, values, other)
+        args, kwargs = _insert_static(args, kwargs, static_args)
+        out = self.fun(*args, **kwargs)
+        info, new_values, out_other = collect_outputs(graphdef, values, nodes, built, out)
+        if out_sh is not None:
+            new_values, out_other = _constrain_outputs(out_sh, info, new_values, out_other)
+        return Static(info), new_values, out_other
+
+    # -- calling --------------------------------------------------------------------------
+    def _prepare(self, args: tuple, kwargs: dict) -> tuple[Inputs, tuple, Static]:
+        args, kwargs, static_args = _extract_static(
+            args, kwargs, self.static_argnums, self.static_argnames
+        )
+        inputs = split_inputs(args, kwargs)
+        n = len(inputs.values)
+        if self.donate_argnums or self.donate_argnames:
+            value_mask, other_mask = _donation_masks(
+                inputs, args, kwargs, self.donate_argnums, self.donate_argnames
+            )
+        else:
+            value_mask, other_mask = (False,) * n, (False,) * len(inputs.other)
+        in_sh = (
+            resolve_leaf_prefixes(inputs, args, kwargs, self.in_shardings)
+            if self.in_shardings is not None
+            else None
+        )
+        out_sh = self.out_shardings
+        if out_sh is not None:
+            out_sh = _HashableTree(out_sh)
+        extra = (static_args, value_mask, other_mask, in_sh, out_sh)
+        static = Static((inputs.graphdef, inputs.treedef, inputs.node_pos, extra))
+        return inputs, (value_mask, other_mask), static
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        inputs, (value_mask, other_mask), static = self._prepare(args, kwargs)
+        dv, kv = _split_by_mask(value_mask, inputs.values)
+        do, ko = _split_by_mask(other_mask, inputs.other)
+        info, values, out_other = self._jitted(static, dv, kv, do, ko)
+        return apply_outputs(inputs, info.value, values, out_other)
+
+    def lower(self, *args: Any, **kwargs: Any) -> Any:
+        """``jax.jit(...).lower`` on the pure function, for cost and memory analysis."""
+        inputs, (value_mask, other_mask), static = self._prepare(args, kwargs)
+        dv, kv = _split_by_mask(value_mask, inputs.values)
+        do, ko = _split_by_mask(other_mask, inputs.other)
+        return self._jitted.lower(static, dv, kv, do, ko)
+
+    def eval_shape(self, *args: Any, **kwargs: Any) -> Any:
+        from refax._transforms._misc import eval_shape
+
+        return eval_shape(self.fun, *args, **kwargs)
+
+
+def jit(
+    fun: Callable[..., Any] | None = None,
+    *,
+    in_shardings: Any = None,
+    out_shardings: Any = None,
+    static_argnums: int | Sequence[int] | None = None,
+    static_argnames: str | Sequence[str] | None = None,
+    donate_argnums: int | Sequence[int] | None = None,
+    donate_argnames: str | Sequence[str] | None = None,
+    keep_unused: bool = False,
+    device: Any = None,
+    backend: str | None = None,
+    inline: bool = False,
+    graph: bool | None = None,
+    graph_updates: bool | None = None,
+) -> Any:
+    """Lifted ``jax.jit``: objects in the arguments and outputs, state changes propagated.
+
+    Usable as ``@nnx.jit``, ``@nnx.jit(static_argnums=...)`` or ``nnx.jit(f, ...)``; also on
+    methods in a class body. ``donate_argnums`` donates the buffers of the Variables of those
+    arguments. ``in_shardings``/``out_shardings`` accept shardings or ``StateSharding``
+    prefixes for objects.
+    """
+    kwargs = dict(
+        in_shardings=in_shardings,
+        out_shardings=out_shardings,
+        static_argnums=static_argnums,
+        static_argnames=static_argnames,
+        donate_argnums=donate_argnums,
+        donate_argnames=donate_argnames,
+        keep_unused=keep_unused,
+        device=device,
+        backend=backend,
+        inline=inline,
+        graph=graph,
+        graph_updates=graph_updates,
+    )
+    if fun is None:
+        return lambda f: JitWrapped(f, **kwargs)
+    return JitWrapped(fun, **kwargs)
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def _extract_static(
+    args: tuple, kwargs: dict, argnums: tuple, argnames: tuple
+) -> tuple[tuple, dict, tuple]:
+    if not argnums and not argnames:
+        return args, kwargs, ()
+    n = len(args)
+    nums = tuple(sorted(i % n if i < 0 else i for i in argnums if -n <= i < n))
+    static_pos = tuple((i, args[i]) for i in nums)
+    static_kw = tuple((k, kwargs[k]) for k in argnames if k in kwargs)
+    for _, v in (*static_pos, *static_kw):
+        try:
+            hash(v)
+        except TypeError:
+            raise ValueError(
+                f"Static argument {v!r} of type {type(v).__name__} is not hashable; static "
+                "arguments of nnx.jit must be hashable (use a tuple instead of a list)."
+            ) from None
+    args = tuple(a for i, a in enumerate(args) if i not in nums)
+    kwargs = {k: v for k, v in kwargs.items() if k not in argnames}
+    return args, kwargs, (static_pos, static_kw)
+
+
+def _insert_static(args: tuple, kwargs: dict, static_args: tuple) -> tuple[tuple, dict]:
+    if not static_args:
+        return args, kwargs
+    static_pos, static_kw = static_args
+    args = list(args)
+    for i, v in static_pos:
+        args.insert(i, v)
+    return tuple(args), {**kwargs, **dict(static_kw)}
+
+
+def _split_by_mask(mask: tuple, xs: Sequence[Any]) -> tuple[list, list]:
+    if not any(mask):
+        return [], list(xs)
+    return [x for m, x in zip(mask, xs) if m], [x for m, x in zip(mask, xs) if not m]
+
+
+def _interleave(mask: tuple, a: list, b: list) -> list:
+    if not a:
+        return b
+    ia, ib = iter(a), iter(b)
+    return [next(ia) if m else next(ib) for m in mask]
+
+
+def _donation_masks(
+    inputs: Inputs, args: tuple, kwargs: dict, argnums: tuple, argnames: tuple
+) -> tuple[tuple, tuple]:
+    """Which state values and other leaves belong to donated arguments."""
+    donated_args = {i % len(args) if i < 0 else i for i in argnums if -len(args) <= i < len(args)}
+    owners: list[Any] = []  # the top-level argument (index or name) of every flat leaf
+    for i, a in enumerate(args):
+        owners += [i] * len(jax.tree_util.tree_leaves(a, is_leaf=_is_leaf_or_none))
+    for k in sorted(kwargs):
+        owners += [k] * len(jax.tree_util.tree_leaves(kwargs[k], is_leaf=_is_leaf_or_none))
+    leaf_owner = [owners[i] if i < len(owners) else None for i in range(len(inputs.other))]
+    donated = [o in donated_args or o in argnames for o in leaf_owner]
+    other_mask = tuple(d and inputs.other[i] is not None for i, d in enumerate(donated))
+    node_donated = [donated[p] for p in inputs.node_pos]
+    value_mask = tuple(node_donated[path[0]] for path in inputs.walk.paths)
+    return value_mask, other_mask
+
+
+def _is_leaf_or_none(x: Any) -> bool:
+    return is_node(x)
+
+
+def _constrain(x: Any, sharding: Any) -> Any:
+    if sharding is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, sharding)
+
+
+class _HashableTree:
+    """Holds an out_shardings tree as static data (compared by identity of its contents)."""
+
+    __slots__ = ("tree",)
+
+    def __init__(self, tree: Any):
+        self.tree = tree
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _HashableTree) and self.tree is other.tree
+
+    def __hash__(self) -> int:
+        return id(self.tree)
+
+
+def _constrain_outputs(out_sh: _HashableTree, info: Any, values: list, out_other: list):
+    from refax._transforms._prefix import constrain_outputs
+
+    return constrain_outputs(out_sh.tree, info, values, out_other)

@@ -1,0 +1,285 @@
+"""The lifting core shared by every transform: objects in, pure pytrees through JAX, objects out.
+
+Every lifted transform follows one pattern:
+
+1. **Outside** (:func:`split_inputs`): find the graph nodes (Objects, Variables) in the
+   arguments, walk them jointly once (so sharing between arguments survives) into a GraphDef
+   and a flat list of state leaves. The walk is cached per tuple of node identities and reused
+   while the structure epoch and container snapshots are unchanged, so a repeated call costs a
+   list comprehension over the Variables.
+2. **Inside** the JAX transform (:func:`make_pure`): rebuild fresh objects from the traced
+   leaves, call the user function, walk the inputs and outputs again, and return only the leaves
+   that changed, plus static information about what happened (an :class:`Info`, which travels
+   as pytree auxiliary data, so JAX caches it with the trace).
+3. **Outside again** (:func:`apply_outputs`): if the structure did not change, write the changed
+   values back into the cached Variables; otherwise rebuild the structure into the original
+   objects in place (new attributes, deleted ones, new sharing) and build new output objects,
+   keeping identity for nodes that were inputs.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+
+from refax._graph._flatten import FlattenResult, flatten, snapshots_valid, unflatten
+from refax._graph._graphdef import REF, GraphDef
+from refax._object import Pytree
+from refax._tracers import EPOCH
+from refax._variables import Variable, _set_raw
+
+_MISSING = object()
+
+
+def is_node(x: Any) -> bool:
+    return isinstance(x, (Pytree, Variable))
+
+
+class Static:
+    """Wraps a hashable value as a pytree with no leaves (static data through JAX)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Static) and self.value == other.value
+
+    def __hash__(self) -> int:
+        return hash(self.value)
+
+
+jax.tree_util.register_pytree_node(Static, lambda s: ((), s.value), lambda v, _: Static(v))
+
+
+class Inputs:
+    """The arguments of one call, split into graph state and everything else."""
+
+    __slots__ = ("treedef", "other", "node_pos", "walk", "values")
+
+    def __init__(self, treedef, other, node_pos, walk, values):
+        self.treedef = treedef  # of (args, kwargs) with graph nodes as leaves
+        self.other = other  # the pytree leaves, None where a node stood
+        self.node_pos = node_pos  # positions of the nodes among the leaves
+        self.walk: FlattenResult = walk  # the joint walk of the nodes tuple
+        self.values: list[Any] = values  # raw values of the walk's leaves
+
+    @property
+    def graphdef(self) -> GraphDef:
+        return self.walk.graphdef
+
+
+class _Entry:
+    __slots__ = ("refs", "epoch", "walk")
+
+    def __init__(self, refs, epoch, walk):
+        self.refs = refs
+        self.epoch = epoch
+        self.walk = walk
+
+
+_WALKS: dict[tuple, _Entry] = {}
+_MAX_WALKS = 512
+
+
+def _walk_nodes(nodes: tuple) -> FlattenResult:
+    """The joint walk of ``nodes``, cached per identity tuple while the structure holds."""
+    key = tuple(map(id, nodes))
+    entry = _WALKS.get(key)
+    if entry is not None and entry.epoch == EPOCH.value:
+        refs = entry.refs
+        if all(r() is n for r, n in zip(refs, nodes)) and (
+            not entry.walk.snapshots or snapshots_valid(entry.walk.snapshots)
+        ):
+            return entry.walk
+    epoch = EPOCH.value
+    walk = flatten(nodes, with_paths=True)
+    try:
+        refs = tuple(weakref.ref(n) for n in nodes)
+    except TypeError:  # pragma: no cover - not weak-referenceable
+        return walk
+    if len(_WALKS) >= _MAX_WALKS:
+        for k in list(_WALKS)[: _MAX_WALKS // 4]:
+            del _WALKS[k]
+    _WALKS[key] = _Entry(refs, epoch, walk)
+    return walk
+
+
+def _raw(leaf: Any) -> Any:
+    return leaf._raw_value if isinstance(leaf, Variable) else leaf
+
+
+def split_inputs(args: tuple, kwargs: dict) -> Inputs:
+    """Step 1: separates graph nodes from the rest of the arguments and walks them."""
+    leaves, treedef = jax.tree_util.tree_flatten((args, kwargs), is_leaf=is_node)
+    node_pos = tuple(i for i, x in enumerate(leaves) if is_node(x))
+    nodes = tuple(leaves[i] for i in node_pos)
+    for i in node_pos:
+        leaves[i] = None
+    walk = _walk_nodes(nodes)
+    values = [_raw(leaf) for leaf in walk.leaves]
+    return Inputs(treedef, leaves, node_pos, walk, values)
+
+
+class Info:
+    """Static facts about one trace of the user function (hashable, cached by JAX)."""
+
+    __slots__ = ("unchanged", "changed", "out_treedef", "out_pos", "out_refs", "graphdef", "map")
+
+    def __init__(self, unchanged, changed, out_treedef, out_pos, out_refs, graphdef, node_map):
+        self.unchanged: bool = unchanged
+        self.changed: tuple[int, ...] = changed  # input leaves whose value changed
+        self.out_treedef = out_treedef
+        self.out_pos: tuple[int, ...] = out_pos
+        self.out_refs: tuple[int, ...] = out_refs  # input node index of each output node
+        self.graphdef: GraphDef | None = graphdef  # joint (inputs, outputs) graph if changed
+        self.map: tuple[tuple[int, int], ...] = node_map  # joint index -> input index
+
+    def _key(self) -> tuple:
+        return (
+            self.unchanged,
+            self.changed,
+            self.out_treedef,
+            self.out_pos,
+            self.out_refs,
+            self.graphdef,
+            self.map,
+        )
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Info) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+
+def rebuild_inputs(
+    static: tuple, values: Sequence[Any], other: Sequence[Any]
+) -> tuple[tuple, dict, tuple, list]:
+    """Inside a transform: fresh objects from traced ``values`` and the other argument leaves.
+
+    Returns ``(args, kwargs, nodes, built)``: the rebuilt arguments, the argument nodes and
+    every node built, by index.
+    """
+    graphdef, treedef, node_pos = static[:3]
+    built: list[Any] = []
+    nodes = unflatten(graphdef, values, flat=True, nodes_out=built)
+    leaves = list(other)
+    for p, n in zip(node_pos, nodes):
+        leaves[p] = n
+    args, kwargs = jax.tree_util.tree_unflatten(treedef, leaves)
+    return args, kwargs, nodes, built
+
+
+def collect_outputs(
+    graphdef: GraphDef,
+    in_values: Sequence[Any],
+    nodes: tuple,
+    built: list[Any],
+    out: Any,
+    *,
+    all_values: bool = False,
+) -> tuple[Info, list[Any], list[Any]]:
+    """Inside a transform, after the user function: what changed, as (info, values, other).
+
+    ``values`` holds the changed input leaves (structure unchanged) or every leaf of the joint
+    (inputs, outputs) walk (structure changed); ``all_values`` forces the latter.
+    """
+    out_leaves, out_treedef = jax.tree_util.tree_flatten(out, is_leaf=is_node)
+    out_pos = tuple(i for i, x in enumerate(out_leaves) if is_node(x))
+    out_nodes = tuple(out_leaves[i] for i in out_pos)
+    for i in out_pos:
+        out_leaves[i] = None
+    joint = flatten((nodes, out_nodes))
+    in_enc, out_enc = joint.graphdef.root[1]
+    n_in = graphdef.num_nodes
+    out_refs = tuple(e[1] if e[0] == REF and e[1] < n_in else -1 for e in out_enc[1])
+    unchanged = not all_values and in_enc == graphdef.root and -1 not in out_refs
+    if unchanged:
+        new = [_raw(leaf) for leaf in joint.leaves[: graphdef.num_leaves]]
+        changed = tuple(i for i, (a, b) in enumerate(zip(new, in_values)) if a is not b)
+        info = Info(True, changed, out_treedef, out_pos, out_refs, None, ())
+        return info, [new[i] for i in changed], out_leaves
+    position = {id(n): i for i, n in enumerate(built)}
+    node_map = tuple((j, position[id(n)]) for j, n in enumerate(joint.nodes) if id(n) in position)
+    values = [_raw(leaf) for leaf in joint.leaves]
+    info = Info(False, (), out_treedef, out_pos, out_refs, joint.graphdef, node_map)
+    return info, values, out_leaves
+
+
+def make_pure(fun: Callable[..., Any]) -> Callable[..., Any]:
+    """The function a JAX transform sees.
+
+    ``pure(Static(static), values, other) -> (Static(info), new_values, out_other)``, where
+    ``static = (graphdef, treedef, node_pos, extra)`` and the user function is called as
+    ``fun(args, kwargs, extra)``.
+    """
+
+    def pure(
+        static: Static, values: list[Any], other: list[Any]
+    ) -> tuple[Static, list[Any], list[Any]]:
+        graphdef = static.value[0]
+        args, kwargs, nodes, built = rebuild_inputs(static.value, values, other)
+        out = fun(args, kwargs, static.value[3])
+        info, new_values, out_other = collect_outputs(graphdef, values, nodes, built, out)
+        return Static(info), new_values, out_other
+
+    return pure
+
+
+def static_of(inputs: Inputs, extra: Any = None) -> Static:
+    return Static((inputs.graphdef, inputs.treedef, inputs.node_pos, extra))
+
+
+def apply_outputs(inputs: Inputs, info: Info, values: Sequence[Any], out_other: list[Any]) -> Any:
+    """Step 3: propagates state changes to the caller's objects and builds the output."""
+    walk = inputs.walk
+    if info.unchanged:
+        leaves = walk.leaves
+        for i, x in zip(info.changed, values):
+            leaf = leaves[i]
+            if isinstance(leaf, Variable):
+                _set_raw(leaf, x)
+            else:
+                _set_array_leaf(walk, i, x)
+        out_nodes = [walk.nodes[r] for r in info.out_refs]
+    else:
+        existing = {j: walk.nodes[i] for j, i in info.map}
+        _, out_nodes = unflatten(info.graphdef, values, flat=True, existing=existing)
+    leaves = list(out_other)
+    for p, n in zip(info.out_pos, out_nodes):
+        leaves[p] = n
+    return jax.tree_util.tree_unflatten(info.out_treedef, leaves)
+
+
+def _set_array_leaf(walk: FlattenResult, index: int, value: Any) -> None:
+    """Writes a raw-array attribute (not a Variable) found at ``walk.paths[index]``."""
+    path = walk.paths[index]
+    holder = _root_nodes(walk)[path[0]]
+    for key in path[1:-1]:
+        holder = holder.__dict__[key] if isinstance(holder, Pytree) else holder[key]
+    key = path[-1]
+    if isinstance(holder, Pytree):
+        holder.__dict__[key] = value
+        st = holder.__dict__.get("_pytree__state")
+        if st is not None:
+            st.record(key, value)
+    elif isinstance(holder, (list, dict)):
+        holder[key] = value
+    else:  # a tuple or other immutable container: rebuild through its parent is not possible
+        raise TypeError(
+            f"Cannot propagate a new value for the array at {path!r}: it lives in an immutable "
+            f"{type(holder).__name__}. Store it in a Variable instead."
+        )
+
+
+def _root_nodes(walk: FlattenResult) -> list[Any]:
+    # The walk's root is the tuple of argument nodes; its REF/OBJ entries give their indices.
+    roots = []
+    for enc in walk.graphdef.root[1]:
+        roots.append(walk.nodes[enc[2] if enc[0] != REF else enc[1]])
+    return roots

@@ -1,0 +1,202 @@
+"""Lift types: prefixes that say how the sub-states of one object are transformed.
+
+JAX transforms take pytree prefixes (``in_axes``, ``in_shardings``, ``argnums``). An object is
+one argument but holds many kinds of state, so refax adds prefix objects that map filters to
+per-Variable settings:
+
+* :class:`StateSharding` (``jit``, ``shard_map``): filter -> sharding or PartitionSpec,
+* :class:`DiffState` (``grad``, ``value_and_grad``, ``custom_vjp``): which Variables of an
+  argument are differentiated,
+* :class:`StateAxes` (``vmap``, ``pmap``, ``scan``): filter -> axis, ``None`` or ``Carry``.
+
+Example:
+  >>> from refax import nnx
+  >>> from jax.sharding import PartitionSpec as P
+  >>> sharding = nnx.StateSharding({nnx.Param: P('model'), ...: P()})
+  >>> sharding.filters
+  (<class 'refax._variables.Param'>, Ellipsis)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import jax
+
+from refax._filters import to_predicate
+from refax._variables import Variable
+
+__all__ = ["StateSharding", "DiffState", "StateAxes", "Carry"]
+
+
+class _FilterMap:
+    """An ordered filter -> value mapping; the first matching filter wins."""
+
+    def __init__(self, mapping: Mapping[Any, Any] | tuple[tuple[Any, Any], ...]):
+        items = tuple(mapping.items()) if isinstance(mapping, Mapping) else tuple(mapping)
+        self._items = items
+        self._predicates = tuple(to_predicate(f) for f, _ in items)
+
+    @property
+    def filters(self) -> tuple[Any, ...]:
+        return tuple(f for f, _ in self._items)
+
+    def items(self) -> tuple[tuple[Any, Any], ...]:
+        return self._items
+
+    def values(self) -> tuple[Any, ...]:
+        return tuple(v for _, v in self._items)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.filters)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def lookup(self, path: tuple, leaf: Any) -> Any:
+        """The value of the first filter matching ``(path, leaf)``.
+
+        Raises:
+          ValueError: when no filter matches, naming the path.
+        """
+        for pred, (_, value) in zip(self._predicates, self._items):
+            if pred(path, leaf):
+                return value
+        raise ValueError(
+            f"{type(self).__name__}: no filter matches the {type(leaf).__name__} at "
+            f"'{'.'.join(map(str, path))}'. Add a catch-all entry `...: value`."
+        )
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and self._items == other._items  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, self._items))
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{_name(f)}: {v!r}" for f, v in self._items)
+        return f"{type(self).__name__}({{{inner}}})"
+
+
+def _name(f: Any) -> str:
+    return f.__name__ if isinstance(f, type) else repr(f)
+
+
+class StateSharding(_FilterMap):
+    """Per-Variable shardings for one object argument of ``jit`` / ``shard_map``."""
+
+
+class StateAxes(_FilterMap):
+    """Per-Variable axes (int, ``None`` to broadcast, or ``Carry``) for vmap/pmap/scan."""
+
+
+class _CarryType:
+    """Marks the carried argument or output of ``nnx.scan``."""
+
+    _instance: _CarryType | None = None
+
+    def __new__(cls) -> _CarryType:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "Carry"
+
+    def __reduce__(self):
+        return (_CarryType, ())
+
+
+Carry = _CarryType()
+
+
+class DiffState:
+    """Differentiate argument ``argnum`` with respect to the Variables matching ``filter``.
+
+    Example:
+      >>> from refax import nnx
+      >>> nnx.DiffState(0, nnx.Param)
+      DiffState(argnum=0, filter=Param)
+    """
+
+    __slots__ = ("argnum", "filter")
+
+    def __init__(self, argnum: int, filter: Any):
+        self.argnum = argnum
+        self.filter = filter
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, DiffState)
+            and self.argnum == other.argnum
+            and self.filter == other.filter
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.argnum, self.filter))
+
+    def __repr__(self) -> str:
+        return f"DiffState(argnum={self.argnum}, filter={_name(self.filter)})"
+
+
+# -- resolution of prefixes to per-leaf values -------------------------------------------
+def arg_owners(inputs: Any, args: tuple, kwargs: dict) -> list[Any]:
+    """The top-level argument (position or keyword name) of every flat leaf of ``inputs``."""
+    from refax._transforms._lift import is_node
+
+    owners: list[Any] = []
+    for i, a in enumerate(args):
+        owners += [i] * len(jax.tree_util.tree_leaves(a, is_leaf=is_node))
+    for k in kwargs:
+        owners += [k] * len(jax.tree_util.tree_leaves(kwargs[k], is_leaf=is_node))
+    return owners
+
+
+def resolve_leaf_prefixes(inputs: Any, args: tuple, kwargs: dict, prefixes: Any) -> tuple:
+    """One value per state leaf of ``inputs`` from a per-argument prefix.
+
+    ``prefixes`` is one value for every argument, or a tuple with one entry per positional
+    argument; each entry is a value (a sharding), a :class:`_FilterMap`, or a State / nested
+    dict of values keyed like the object's state.
+    """
+    owners = arg_owners(inputs, args, kwargs)
+    walk = inputs.walk
+    out = []
+    for leaf, path in zip(walk.leaves, walk.paths):
+        owner = owners[inputs.node_pos[path[0]]]
+        if isinstance(prefixes, (tuple, list)):
+            prefix = prefixes[owner] if isinstance(owner, int) and owner < len(prefixes) else None
+        else:
+            prefix = prefixes
+        out.append(_leaf_value(prefix, path[1:], leaf))
+    return tuple(out)
+
+
+def _leaf_value(prefix: Any, path: tuple, leaf: Any) -> Any:
+    if isinstance(prefix, _FilterMap):
+        return prefix.lookup(path, leaf)
+    mapping = getattr(prefix, "_mapping", prefix)
+    if isinstance(mapping, dict):
+        node: Any = mapping
+        for key in path:
+            node = getattr(node, "_mapping", node)
+            if not isinstance(node, dict) or key not in node:
+                return None
+            node = node[key]
+        return node.get_value() if isinstance(node, Variable) else node
+    return prefix
+
+
+def constrain_outputs(out_shardings: Any, info: Any, values: list, out_other: list):
+    """Applies ``out_shardings`` (one sharding for everything) to the returned arrays."""
+    if isinstance(out_shardings, (jax.sharding.Sharding, jax.sharding.PartitionSpec)):
+        c = lambda x: jax.lax.with_sharding_constraint(x, out_shardings)  # noqa: E731
+        values = [c(x) if x is not None else x for x in values]
+        out_other = [c(x) if x is not None else x for x in out_other]
+        return values, out_other
+    raise NotImplementedError(
+        "nnx.jit out_shardings supports one sharding for all outputs; for per-Variable "
+        "shardings constrain the state inside the function (jax.lax.with_sharding_constraint "
+        "with nnx.get_partition_spec) or pass StateSharding in in_shardings."
+    )

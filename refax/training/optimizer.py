@@ -1,0 +1,160 @@
+"""``nnx.Optimizer``: an optax transformation whose state lives in Variables.
+
+The optimizer holds the optax state (``opt_state``, every array wrapped in an ``OptState``
+Variable) and a ``step`` counter, so it is split, merged and transformed like any other object.
+``optimizer.update(model, grads)`` applies one step to the model's Variables selected by
+``wrt`` in place; it works eagerly and inside ``nnx.jit``.
+
+Example:
+  >>> import jax.numpy as jnp, optax
+  >>> from refax import nnx
+  >>> model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+  >>> optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+  >>> grads = nnx.grad(lambda m: jnp.sum(m(jnp.ones((1, 2)))))(model)
+  >>> bias = model.bias.value
+  >>> _ = optimizer.update(model, grads)  # returns the optax updates
+  >>> model.bias.value - bias, optimizer.step.value
+  (Array([-0.1], dtype=float32), Array(1, dtype=uint32))
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from refax._graph import state as _state
+from refax._graph import update as _update
+from refax._object import Pytree
+from refax._statelib import State
+from refax._variables import Param, Variable
+
+__all__ = ["Optimizer", "ModelAndOptimizer", "OptState", "OptArray", "OptVariable"]
+
+
+class OptState(Variable):
+    """Base type of the Variables holding optimizer state."""
+
+    __slots__ = ()
+
+
+class OptArray(OptState):
+    """Optimizer state derived from a plain array (e.g. Adam's ``count``)."""
+
+    __slots__ = ()
+
+
+class OptVariable(OptState):
+    """Optimizer state derived from a Variable; it carries that Variable's metadata."""
+
+    __slots__ = ()
+
+
+def _is_variable(x: Any) -> bool:
+    return isinstance(x, Variable)
+
+
+def _pure(tree: Any) -> Any:
+    """The same tree with every Variable replaced by its value."""
+    return jax.tree.map(
+        lambda v: v.get_value() if _is_variable(v) else v, tree, is_leaf=_is_variable
+    )
+
+
+def _wrap_opt_state(opt_state: Any, params: State) -> Any:
+    """Wraps each optax state array in an OptState Variable.
+
+    Subtrees shaped like the parameters (Adam's ``mu``/``nu``) become OptVariables carrying
+    each parameter's metadata (sharding names included); the rest become OptArrays.
+    """
+    param_leaves, param_def = jax.tree.flatten(params, is_leaf=_is_variable)
+
+    def wrap(sub: Any) -> Any:
+        if isinstance(sub, State):
+            try:
+                leaves, treedef = jax.tree.flatten(sub)
+            except Exception:  # pragma: no cover
+                leaves, treedef = None, None
+            if treedef == jax.tree.structure(_pure(params)) and len(leaves) == len(param_leaves):
+                new = [
+                    OptVariable.from_metadata(x, p.get_metadata())
+                    if _is_variable(p)
+                    else OptArray(x)
+                    for x, p in zip(leaves, param_leaves)
+                ]
+                return jax.tree.unflatten(treedef, new)
+        return jax.tree.map(OptArray, sub)
+
+    del param_def
+    return jax.tree.map(wrap, opt_state, is_leaf=lambda x: isinstance(x, State))
+
+
+class Optimizer(Pytree):
+    """An optax transformation applied to the Variables of a model matching ``wrt``.
+
+    Args:
+      model: the model whose state (filtered by ``wrt``) is optimised.
+      tx: an ``optax.GradientTransformation``.
+      wrt: filter selecting the optimised Variables (required; usually ``nnx.Param``).
+
+    Attributes:
+      step: an ``OptState`` holding the number of updates applied (``uint32``).
+      opt_state: the optax state, its arrays in ``OptState`` Variables.
+      tx: the transformation; wrt: the filter.
+    """
+
+    def __init__(self, model: Any, tx: optax.GradientTransformation, *, wrt: Any = None):
+        if wrt is None:
+            raise TypeError(
+                "Optimizer needs wrt=, the filter of the Variables to optimise, e.g. "
+                "nnx.Optimizer(model, tx, wrt=nnx.Param)."
+            )
+        self.step = OptState(jnp.array(0, dtype=jnp.uint32))
+        self.tx = tx
+        self.wrt = wrt
+        params = _state(model, wrt)
+        self.opt_state = _wrap_opt_state(tx.init(_pure(params)), params)
+
+    def update(self, model: Any, grads: Any, /, **kwargs: Any) -> Any:
+        """Applies one optimisation step to ``model`` in place; returns the optax updates.
+
+        Args:
+          model: the model (the same structure the optimizer was built for).
+          grads: gradients shaped like ``nnx.state(model, wrt)`` (what ``nnx.grad`` returns).
+          **kwargs: extra arguments for optax (e.g. ``value``, ``grad``, ``value_fn``).
+        """
+        params = _state(model, self.wrt)
+        raw_params = _pure(params)
+        raw_grads = _pure(grads)
+        opt_state = _pure(self.opt_state)
+        try:
+            updates, new_opt_state = self.tx.update(raw_grads, opt_state, raw_params, **kwargs)
+        except (ValueError, TypeError) as e:
+            if jax.tree.structure(raw_grads) != jax.tree.structure(raw_params):
+                raise ValueError(
+                    "Optimizer.update: the gradients do not match the optimised state "
+                    f"(wrt={self.wrt!r}); pass grads computed for the same model, e.g. "
+                    "nnx.grad(loss_fn)(model)."
+                ) from e
+            raise
+        new_params = optax.apply_updates(raw_params, updates)
+        _update(model, new_params)
+        for var, value in zip(
+            jax.tree.leaves(self.opt_state, is_leaf=_is_variable), jax.tree.leaves(new_opt_state)
+        ):
+            var.set_value(value)
+        self.step.set_value(self.step.get_value() + 1)
+        return updates
+
+
+class ModelAndOptimizer(Optimizer):
+    """An Optimizer that also holds its model: ``update(grads)`` needs no model argument."""
+
+    def __init__(self, model: Any, tx: optax.GradientTransformation, *, wrt: Any = Param):
+        super().__init__(model, tx, wrt=wrt)
+        self.model = model
+
+    def update(self, grads: Any, /, **kwargs: Any) -> Any:  # type: ignore[override]
+        return super().update(self.model, grads, **kwargs)
