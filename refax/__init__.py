@@ -74,10 +74,15 @@ from refax._statelib import to_pure_dict as to_pure_dict
 from refax._transforms._autodiff import grad as grad
 from refax._transforms._autodiff import value_and_grad as value_and_grad
 from refax._transforms._jit import jit as jit
+from refax._transforms._prefix import PARTITION_NAME as PARTITION_NAME
 from refax._transforms._prefix import Carry as Carry
 from refax._transforms._prefix import DiffState as DiffState
 from refax._transforms._prefix import StateAxes as StateAxes
 from refax._transforms._prefix import StateSharding as StateSharding
+from refax._transforms._split_rngs import fork_rngs as fork_rngs
+from refax._transforms._split_rngs import split_rngs as split_rngs
+from refax._transforms._split_rngs import with_rngs as with_rngs
+from refax._transforms._vmap import vmap as vmap
 from refax._variables import BatchStat as BatchStat
 from refax._variables import Cache as Cache
 from refax._variables import Intermediate as Intermediate

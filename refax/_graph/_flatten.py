@@ -251,7 +251,10 @@ def flatten(
                 children = list(value.values())
             else:
                 treedef, keys, children = _tree_children(value)
-                if not isinstance(value, tuple):  # mutable containers (OrderedDict, ...)
+                if isinstance(value, State):  # its items live in one plain dict
+                    m = value._mapping
+                    snapshots.append((m, (*m, *m.values())))
+                elif not isinstance(value, tuple):  # mutable containers (OrderedDict, ...)
                     snapshots.append((value, tuple(children)))
             encs = []
             for key, v in zip(keys, children):
@@ -525,8 +528,7 @@ def unflatten(
                 for name, v in values.items():
                     if d.get(name, _MISSING) is not v:
                         d[name] = v
-                        if not isinstance(v, Variable):
-                            changed[0] = True
+                        changed[0] = True
             else:
                 d.update(values)
             return obj

@@ -41,16 +41,20 @@ def is_node(x: Any) -> bool:
 class Static:
     """Wraps a hashable value as a pytree with no leaves (static data through JAX)."""
 
-    __slots__ = ("value",)
+    __slots__ = ("value", "_hash")
 
     def __init__(self, value: Any):
         self.value = value
+        self._hash: int | None = None
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Static) and self.value == other.value
+        return self is other or (isinstance(other, Static) and self.value == other.value)
 
     def __hash__(self) -> int:
-        return hash(self.value)
+        h = self._hash
+        if h is None:
+            h = self._hash = hash(self.value)
+        return h
 
 
 jax.tree_util.register_pytree_node(Static, lambda s: ((), s.value), lambda v, _: Static(v))
@@ -59,54 +63,120 @@ jax.tree_util.register_pytree_node(Static, lambda s: ((), s.value), lambda v, _:
 class Inputs:
     """The arguments of one call, split into graph state and everything else."""
 
-    __slots__ = ("treedef", "other", "node_pos", "walk", "values")
+    __slots__ = ("treedef", "other", "node_pos", "walk", "values", "nodes")
 
-    def __init__(self, treedef, other, node_pos, walk, values):
+    def __init__(self, treedef, other, node_pos, walk, values, nodes=()):
         self.treedef = treedef  # of (args, kwargs) with graph nodes as leaves
         self.other = other  # the pytree leaves, None where a node stood
         self.node_pos = node_pos  # positions of the nodes among the leaves
         self.walk: FlattenResult = walk  # the joint walk of the nodes tuple
         self.values: list[Any] = values  # raw values of the walk's leaves
+        self.nodes: tuple = nodes  # the argument objects, in order of node_pos
 
     @property
     def graphdef(self) -> GraphDef:
         return self.walk.graphdef
 
 
-class _Entry:
-    __slots__ = ("refs", "epoch", "walk")
+_LIFT_KEY = "lift"  # key prefix of lift walks in ObjectState.walks
+_STATE_ATTR = "_pytree__state"
 
-    def __init__(self, refs, epoch, walk):
-        self.refs = refs
+
+class _CachedWalk:
+    """A cached joint walk of argument nodes, holding no reference to the arguments themselves
+    (their slots in ``nodes`` are None), so caching never creates a reference cycle."""
+
+    __slots__ = ("epoch", "walk", "root_index", "all_variables", "others")
+
+    def __init__(self, epoch, walk, root_index, all_variables, others):
         self.epoch = epoch
         self.walk = walk
+        self.root_index = root_index
+        self.all_variables = all_variables
+        self.others = others  # weak (or, for Variables, strong) references to nodes[1:]
 
 
-_WALKS: dict[tuple, _Entry] = {}
-_MAX_WALKS = 512
+def _root_index(graphdef: GraphDef) -> tuple[int, ...]:
+    """The node index of each argument node (the root tuple's entries)."""
+    return tuple(enc[1] if enc[0] == REF else enc[2] for enc in graphdef.root[1])
 
 
-def _walk_nodes(nodes: tuple) -> FlattenResult:
-    """The joint walk of ``nodes``, cached per identity tuple while the structure holds."""
-    key = tuple(map(id, nodes))
-    entry = _WALKS.get(key)
-    if entry is not None and entry.epoch == EPOCH.value:
-        refs = entry.refs
-        if all(r() is n for r, n in zip(refs, nodes)) and (
-            not entry.walk.snapshots or snapshots_valid(entry.walk.snapshots)
+def _walk_nodes(nodes: tuple) -> tuple[FlattenResult, bool]:
+    """The joint walk of ``nodes`` (cached on the first node while the structure holds) and
+    whether every leaf is a Variable."""
+    first = nodes[0] if nodes else None
+    st = first.__dict__.get(_STATE_ATTR) if isinstance(first, Pytree) else None
+    key = (_LIFT_KEY, *map(id, nodes[1:]))
+    if st is not None and st.walks is not None:
+        entry = st.walks.get(key)
+        if (
+            entry is not None
+            and entry.epoch == EPOCH.value
+            and (not entry.walk.snapshots or snapshots_valid(entry.walk.snapshots))
+            and _same_roots(entry, nodes)
         ):
-            return entry.walk
+            return _restore(entry, nodes), entry.all_variables
     epoch = EPOCH.value
     walk = flatten(nodes, with_paths=True)
+    all_vars = all(isinstance(leaf, Variable) for leaf in walk.leaves)
+    if st is not None:
+        if st.walks is None:
+            st.walks = {}
+        root_index = _root_index(walk.graphdef)
+        kept_nodes = list(walk.nodes)
+        for i in root_index:
+            kept_nodes[i] = None
+        kept = FlattenResult(walk.graphdef, None, kept_nodes, walk.leaves, walk.snapshots)
+        kept.paths = walk.paths
+        kept.num_refs = walk.num_refs
+        walks = st.walks
+        if len(walks) >= 8 and key not in walks:
+            walks.pop(next(iter(walks)), None)
+        others = tuple(_ref(n) for n in nodes[1:])
+        walks[key] = _CachedWalk(epoch, kept, root_index, all_vars, others)
+    return walk, all_vars
+
+
+def _ref(node: Any) -> Any:
     try:
-        refs = tuple(weakref.ref(n) for n in nodes)
-    except TypeError:  # pragma: no cover - not weak-referenceable
-        return walk
-    if len(_WALKS) >= _MAX_WALKS:
-        for k in list(_WALKS)[: _MAX_WALKS // 4]:
-            del _WALKS[k]
-    _WALKS[key] = _Entry(refs, epoch, walk)
-    return walk
+        return weakref.ref(node)
+    except TypeError:  # Variables have no weakref slot: keep them (no cycle: they hold no node)
+        return lambda node=node: node
+
+
+def _same_roots(entry: _CachedWalk, nodes: tuple) -> bool:
+    # The key holds the other arguments' ids; ids are reused after an object dies, so check
+    # that the very same objects are still there.
+    return all(r() is n for r, n in zip(entry.others, nodes[1:]))
+
+
+def _restore(entry: _CachedWalk, nodes: tuple) -> FlattenResult:
+    """The cached walk with the argument nodes put back (a shallow view, nodes list shared
+    lazily: ``nodes_of`` fills the roots in when a caller needs the full list)."""
+    walk = entry.walk
+    view = FlattenResult(walk.graphdef, None, None, walk.leaves, walk.snapshots)
+    view.paths = walk.paths
+    view.num_refs = walk.num_refs
+    view.nodes = _LazyNodes(walk.nodes, entry.root_index, nodes)
+    return view
+
+
+class _LazyNodes:
+    """Index -> node for a cached walk whose argument nodes are stored as None."""
+
+    __slots__ = ("kept", "root_index", "roots")
+
+    def __init__(self, kept: list, root_index: tuple, roots: tuple):
+        self.kept, self.root_index, self.roots = kept, root_index, roots
+
+    def __getitem__(self, i: int) -> Any:
+        node = self.kept[i]
+        if node is None:
+            return self.roots[self.root_index.index(i)]
+        return node
+
+    def __len__(self) -> int:
+        return len(self.kept)
 
 
 def _raw(leaf: Any) -> Any:
@@ -120,15 +190,28 @@ def split_inputs(args: tuple, kwargs: dict) -> Inputs:
     nodes = tuple(leaves[i] for i in node_pos)
     for i in node_pos:
         leaves[i] = None
-    walk = _walk_nodes(nodes)
-    values = [_raw(leaf) for leaf in walk.leaves]
-    return Inputs(treedef, leaves, node_pos, walk, values)
+    walk, all_vars = _walk_nodes(nodes)
+    if all_vars:
+        values = [leaf._raw_value for leaf in walk.leaves]
+    else:
+        values = [_raw(leaf) for leaf in walk.leaves]
+    return Inputs(treedef, leaves, node_pos, walk, values, nodes)
 
 
 class Info:
     """Static facts about one trace of the user function (hashable, cached by JAX)."""
 
-    __slots__ = ("unchanged", "changed", "out_treedef", "out_pos", "out_refs", "graphdef", "map")
+    __slots__ = (
+        "unchanged",
+        "changed",
+        "out_treedef",
+        "out_pos",
+        "out_refs",
+        "graphdef",
+        "map",
+        "paths",
+        "annotation",
+    )
 
     def __init__(self, unchanged, changed, out_treedef, out_pos, out_refs, graphdef, node_map):
         self.unchanged: bool = unchanged
@@ -138,6 +221,8 @@ class Info:
         self.out_refs: tuple[int, ...] = out_refs  # input node index of each output node
         self.graphdef: GraphDef | None = graphdef  # joint (inputs, outputs) graph if changed
         self.map: tuple[tuple[int, int], ...] = node_map  # joint index -> input index
+        self.paths: tuple[tuple, ...] = ()  # paths of the joint leaves (structure changed)
+        self.annotation: Any = None  # per-joint-leaf data a transform attached (e.g. axes)
 
     def _key(self) -> tuple:
         return (
@@ -148,6 +233,7 @@ class Info:
             self.out_refs,
             self.graphdef,
             self.map,
+            self.annotation,
         )
 
     def __eq__(self, other: object) -> bool:
@@ -183,31 +269,45 @@ def collect_outputs(
     out: Any,
     *,
     all_values: bool = False,
+    every_input: bool = False,
+    before_walk: Callable[[FlattenResult], None] | None = None,
+    annotate: Callable[[FlattenResult], Any] | None = None,
 ) -> tuple[Info, list[Any], list[Any]]:
     """Inside a transform, after the user function: what changed, as (info, values, other).
 
     ``values`` holds the changed input leaves (structure unchanged) or every leaf of the joint
-    (inputs, outputs) walk (structure changed); ``all_values`` forces the latter.
+    (inputs, outputs) walk (structure changed; ``info.paths`` then gives their paths).
+    ``all_values`` forces the latter; ``every_input`` returns every input leaf, changed or not
+    (vectorising transforms must return each batched value). ``before_walk(joint)`` may edit
+    Variable metadata (axis names) before the final walk.
     """
     out_leaves, out_treedef = jax.tree_util.tree_flatten(out, is_leaf=is_node)
     out_pos = tuple(i for i, x in enumerate(out_leaves) if is_node(x))
     out_nodes = tuple(out_leaves[i] for i in out_pos)
     for i in out_pos:
         out_leaves[i] = None
-    joint = flatten((nodes, out_nodes))
+    if before_walk is not None:
+        before_walk(flatten((nodes, out_nodes), with_paths=True))
+    joint = flatten((nodes, out_nodes), with_paths=True)
     in_enc, out_enc = joint.graphdef.root[1]
     n_in = graphdef.num_nodes
     out_refs = tuple(e[1] if e[0] == REF and e[1] < n_in else -1 for e in out_enc[1])
     unchanged = not all_values and in_enc == graphdef.root and -1 not in out_refs
     if unchanged:
         new = [_raw(leaf) for leaf in joint.leaves[: graphdef.num_leaves]]
-        changed = tuple(i for i, (a, b) in enumerate(zip(new, in_values)) if a is not b)
+        if every_input:
+            changed = tuple(range(len(new)))
+        else:
+            changed = tuple(i for i, (a, b) in enumerate(zip(new, in_values)) if a is not b)
         info = Info(True, changed, out_treedef, out_pos, out_refs, None, ())
         return info, [new[i] for i in changed], out_leaves
     position = {id(n): i for i, n in enumerate(built)}
     node_map = tuple((j, position[id(n)]) for j, n in enumerate(joint.nodes) if id(n) in position)
     values = [_raw(leaf) for leaf in joint.leaves]
     info = Info(False, (), out_treedef, out_pos, out_refs, joint.graphdef, node_map)
+    info.paths = tuple(joint.paths)
+    if annotate is not None:
+        info.annotation = tuple(annotate(joint))
     return info, values, out_leaves
 
 

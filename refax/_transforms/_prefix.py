@@ -27,7 +27,10 @@ import jax
 from refax._filters import to_predicate
 from refax._variables import Variable
 
-__all__ = ["StateSharding", "DiffState", "StateAxes", "Carry"]
+__all__ = ["StateSharding", "DiffState", "StateAxes", "Carry", "PARTITION_NAME"]
+
+# The transform_metadata key under which vmap/scan record the partition name of their axis.
+PARTITION_NAME = "partition_name"
 
 
 class _FilterMap:

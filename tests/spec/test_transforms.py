@@ -7,11 +7,7 @@ from tests.spec.conftest import check_cell
 
 DOC = "transforms.md"
 N_CELLS = len(load_cells(DOC)) if (SPEC_DIR / DOC).exists() else 14
-# Cells that need the lifted transforms, still being built.
-PENDING = {
-    **{i: "nnx.vmap / StateAxes / split_rngs: transforms II" for i in range(1, 9)},
-    **{i: "nnx.vmap / transform_metadata: transforms II" for i in range(10, 14)},
-}
+PENDING: dict[int, str] = {}
 
 
 @pytest.mark.parametrize(
