@@ -79,6 +79,7 @@ from refax._transforms._prefix import Carry as Carry
 from refax._transforms._prefix import DiffState as DiffState
 from refax._transforms._prefix import StateAxes as StateAxes
 from refax._transforms._prefix import StateSharding as StateSharding
+from refax._transforms._scan import scan as scan
 from refax._transforms._split_rngs import fork_rngs as fork_rngs
 from refax._transforms._split_rngs import split_rngs as split_rngs
 from refax._transforms._split_rngs import with_rngs as with_rngs

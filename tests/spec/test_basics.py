@@ -7,11 +7,7 @@ from tests.spec.conftest import check_cell
 
 DOC = "basics.md"
 N_CELLS = len(load_cells(DOC)) if (SPEC_DIR / DOC).exists() else 14
-# Cells that need parts of the API still being built: the vectorising transforms (vmap/scan).
-PENDING = {
-    7: "nnx.vmap / nnx.scan: transforms II",
-    8: "nnx.vmap / nnx.scan: transforms II",
-}
+PENDING: dict[int, str] = {}
 
 
 @pytest.mark.parametrize(
