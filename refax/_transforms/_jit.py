@@ -104,6 +104,8 @@ class JitWrapped:
             self._signature: inspect.Signature | None = inspect.signature(fun)
         except (TypeError, ValueError):
             self._signature = None
+        self._out_sh = _HashableTree(out_shardings) if out_shardings is not None else None
+        self._statics: dict[tuple, tuple] = {}  # per argument structure: masks and Static
         jit_kwargs: dict[str, Any] = {"keep_unused": keep_unused, "inline": inline}
         if device is not None:
             jit_kwargs["device"] = device
@@ -146,6 +148,11 @@ class JitWrapped:
             args, kwargs, self.static_argnums, self.static_argnames
         )
         inputs = split_inputs(args, kwargs)
+        graphdef = inputs.graphdef
+        key = (id(graphdef), inputs.treedef, inputs.node_pos, static_args)
+        hit = self._statics.get(key)
+        if hit is not None and hit[0] is graphdef:
+            return inputs, hit[1], hit[2]
         n = len(inputs.values)
         if self.donate_argnums or self.donate_argnames:
             value_mask, other_mask = _donation_masks(
@@ -158,11 +165,12 @@ class JitWrapped:
             if self.in_shardings is not None
             else None
         )
-        out_sh = self.out_shardings
-        if out_sh is not None:
-            out_sh = _HashableTree(out_sh)
-        extra = (static_args, value_mask, other_mask, in_sh, out_sh)
-        static = Static((inputs.graphdef, inputs.treedef, inputs.node_pos, extra))
+        extra = (static_args, value_mask, other_mask, in_sh, self._out_sh)
+        static = Static((graphdef, inputs.treedef, inputs.node_pos, extra))
+        if len(self._statics) >= 64:
+            self._statics.pop(next(iter(self._statics)))
+        # holding the GraphDef keeps its id from being reused while the entry lives
+        self._statics[key] = (graphdef, (value_mask, other_mask), static)
         return inputs, (value_mask, other_mask), static
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
