@@ -12,6 +12,7 @@ __all__ = [
     "TraceContextError",
     "ImmutableVariableError",
     "GraphStructureError",
+    "TransformStructureError",
     "FilterError",
     "UnhashableStaticError",
 ]
@@ -55,6 +56,16 @@ class ImmutableVariableError(RefaxError, ValueError):
 
 class GraphStructureError(RefaxError, ValueError):
     """A GraphDef and the States given to it do not fit together."""
+
+
+class TransformStructureError(GraphStructureError, TypeError):
+    """A lifted transform needs an invariant structure that the function did not keep.
+
+    ``cond``/``switch`` branches must return the same output structure and leave their operands
+    in the same graph structure; a loop body must return its carry with the structure (and the
+    same objects) it received. Subclasses ``TypeError`` too, which JAX raises for the plain
+    pytree version of the same mistake.
+    """
 
 
 class FilterError(RefaxError, ValueError):

@@ -151,7 +151,7 @@ def arg_owners(inputs: Any, args: tuple, kwargs: dict) -> list[Any]:
     owners: list[Any] = []
     for i, a in enumerate(args):
         owners += [i] * len(jax.tree_util.tree_leaves(a, is_leaf=is_node))
-    for k in kwargs:
+    for k in sorted(kwargs):  # tree_flatten orders dict keys
         owners += [k] * len(jax.tree_util.tree_leaves(kwargs[k], is_leaf=is_node))
     return owners
 

@@ -1,0 +1,411 @@
+"""Lifted ``remat``, ``eval_shape``, ``checkify``, ``make_jaxpr``, and partial application.
+
+Each wraps the JAX transform of the same name around the pure function built by the lifting
+core (``_lift.py``): objects may appear anywhere in the arguments and outputs, and (for
+``remat`` and ``checkify``, which run the function) their state updates propagate out.
+``eval_shape`` and ``make_jaxpr`` run nothing, so they leave the arguments untouched.
+
+Example:
+  >>> import jax
+  >>> from refax import nnx
+  >>> model = nnx.eval_shape(lambda: nnx.Linear(10_000, 10_000, rngs=nnx.Rngs(0)))
+  >>> model.kernel.value
+  ShapeDtypeStruct(shape=(10000, 10000), dtype=float32)
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import jax
+from jax.experimental import checkify as checkify_lib
+
+from refax._graph._flatten import flatten, unflatten
+from refax._transforms._jit import check_not_bound_method, jit
+from refax._transforms._lift import (
+    Static,
+    apply_outputs,
+    is_node,
+    make_pure,
+    rebuild_inputs,
+    split_inputs,
+    static_of,
+)
+from refax._variables import Variable
+
+__all__ = [
+    "remat",
+    "checkpoint",
+    "eval_shape",
+    "checkify",
+    "make_jaxpr",
+    "cached_partial",
+    "jit_partial",
+]
+
+A = TypeVar("A")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def _argnums(x: int | Sequence[int] | None) -> tuple[int, ...]:
+    if x is None:
+        return ()
+    return (x,) if isinstance(x, int) else tuple(x)
+
+
+def _extract_static(args: tuple, argnums: tuple[int, ...], transform: str) -> tuple[tuple, tuple]:
+    """Removes the static positional arguments: ``(dynamic_args, ((index, value), ...))``."""
+    if not argnums:
+        return args, ()
+    n = len(args)
+    nums = sorted({i % n for i in argnums if -n <= i < n})
+    static = tuple((i, args[i]) for i in nums)
+    for i, v in static:
+        try:
+            hash(v)
+        except TypeError:
+            raise ValueError(
+                f"nnx.{transform}: static argument {i} ({type(v).__name__}) is not hashable; "
+                "static arguments must be hashable (use a tuple instead of a list)."
+            ) from None
+    return tuple(a for i, a in enumerate(args) if i not in nums), static
+
+
+def _insert_static(args: tuple, static: tuple) -> tuple:
+    if not static:
+        return args
+    out = list(args)
+    for i, v in static:
+        out.insert(i, v)
+    return tuple(out)
+
+
+def _raw(leaf: Any) -> Any:
+    return leaf._raw_value if isinstance(leaf, Variable) else leaf
+
+
+def split_output(out: Any) -> tuple[Static, list[Any], list[Any]]:
+    """An output alone (no link to the inputs) as ``(Static(structure), values, other)``."""
+    leaves, treedef = jax.tree_util.tree_flatten(out, is_leaf=is_node)
+    pos = tuple(i for i, x in enumerate(leaves) if is_node(x))
+    if not pos:
+        return Static((treedef, (), None)), [], leaves
+    nodes = tuple(leaves[i] for i in pos)
+    for i in pos:
+        leaves[i] = None
+    walk = flatten(nodes)
+    return Static((treedef, pos, walk.graphdef)), [_raw(x) for x in walk.leaves], leaves
+
+
+def merge_output(structure: tuple, values: Sequence[Any], other: Sequence[Any]) -> Any:
+    """Inverse of :func:`split_output`: new objects holding ``values``."""
+    treedef, pos, graphdef = structure
+    leaves = list(other)
+    if pos:
+        nodes = unflatten(graphdef, list(values), flat=True)
+        for p, n in zip(pos, nodes):
+            leaves[p] = n
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+# -- remat -----------------------------------------------------------------------------------
+def remat(
+    f: F | None = None,
+    *,
+    prevent_cse: bool = True,
+    static_argnums: int | tuple[int, ...] = (),
+    policy: Callable[..., bool] | None = None,
+    graph: bool | None = None,
+    graph_updates: bool | None = None,
+) -> Any:
+    """Lifted ``jax.checkpoint``: recompute ``f``'s activations in the backward pass.
+
+    Usable as ``@nnx.remat``, ``@nnx.remat(policy=...)`` or ``nnx.remat(f, ...)``, also on
+    methods in a class body. Objects in the arguments are rebuilt inside the checkpointed
+    function and their state updates propagate out; values and gradients are the same as
+    without ``remat``.
+
+    Args:
+      f: the function to checkpoint.
+      prevent_cse: passed to ``jax.checkpoint``.
+      static_argnums: positional arguments treated as static Python values (must be hashable).
+      policy: a ``jax.checkpoint_policies`` policy saying which intermediates may be saved.
+      graph: accepted for API compatibility.
+      graph_updates: accepted for API compatibility (structure changes always propagate).
+
+    Returns:
+      The checkpointed function (or a decorator when ``f`` is omitted).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from refax import nnx
+      >>> class Block(nnx.Module):
+      ...   def __init__(self, rngs):
+      ...     self.linear = nnx.Linear(2, 2, rngs=rngs)
+      ...   @nnx.remat
+      ...   def __call__(self, x):
+      ...     return jnp.tanh(self.linear(x))
+      >>> block = Block(nnx.Rngs(0))
+      >>> grads = nnx.grad(lambda m, x: m(x).sum())(block, jnp.ones((1, 2)))
+      >>> grads['linear']['kernel'].value.shape
+      (2, 2)
+    """
+    if f is None:
+        return functools.partial(
+            remat,
+            prevent_cse=prevent_cse,
+            static_argnums=static_argnums,
+            policy=policy,
+            graph=graph,
+            graph_updates=graph_updates,
+        )
+    check_not_bound_method(f, "remat")
+    argnums = _argnums(static_argnums)
+
+    def call(args: tuple, kwargs: dict, static_args: tuple) -> Any:
+        return f(*_insert_static(args, static_args), **kwargs)
+
+    checkpointed = jax.checkpoint(make_pure(call), prevent_cse=prevent_cse, policy=policy)
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        args, static_args = _extract_static(args, argnums, "remat")
+        inputs = split_inputs(args, kwargs)
+        info, values, out_other = checkpointed(
+            static_of(inputs, static_args), inputs.values, inputs.other
+        )
+        return apply_outputs(inputs, info.value, values, out_other)
+
+    return wrapper
+
+
+checkpoint = remat
+
+
+# -- eval_shape ------------------------------------------------------------------------------
+def eval_shape(
+    f: Callable[..., A],
+    *args: Any,
+    graph: bool | None = None,
+    graph_updates: bool | None = None,
+    **kwargs: Any,
+) -> A:
+    """Lifted ``jax.eval_shape``: the output of ``f(*args, **kwargs)`` without computing it.
+
+    Nothing runs: arrays in the output become ``jax.ShapeDtypeStruct``, and objects in the
+    output are new abstract objects of the same structure whose Variables hold
+    ``ShapeDtypeStruct`` values (useful to build a large model's skeleton, then fill it from a
+    checkpoint). The arguments' objects are not modified.
+
+    Args:
+      f: the function to evaluate.
+      *args: positional arguments; may contain objects.
+      graph: accepted for API compatibility.
+      graph_updates: accepted for API compatibility.
+      **kwargs: keyword arguments; may contain objects.
+
+    Returns:
+      The abstract output.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from refax import nnx
+      >>> lin = nnx.Linear(3, 4, rngs=nnx.Rngs(0))
+      >>> nnx.eval_shape(lambda m, x: m(x), lin, jnp.ones((8, 3)))
+      ShapeDtypeStruct(shape=(8, 4), dtype=float32)
+    """
+    check_not_bound_method(f, "eval_shape")
+    inputs = split_inputs(args, kwargs)
+
+    def pure(static: Static, values: list[Any], other: list[Any]) -> Any:
+        a, kw, _, _ = rebuild_inputs(static.value, values, other)
+        return split_output(f(*a, **kw))
+
+    s, values, other = jax.eval_shape(pure, static_of(inputs), inputs.values, inputs.other)
+    return merge_output(s.value, values, other)
+
+
+# -- checkify --------------------------------------------------------------------------------
+def checkify(
+    f: Callable[..., A],
+    errors: frozenset[Any] = checkify_lib.user_checks,
+    graph: bool | None = None,
+    graph_updates: bool | None = None,
+) -> Callable[..., tuple[Any, A]]:
+    """Lifted ``jax.experimental.checkify.checkify``: ``(error, output)`` instead of raising.
+
+    Args:
+      f: the function to check; may take and return objects (state updates propagate).
+      errors: the set of checks to enable (``checkify.user_checks`` by default, i.e.
+        ``checkify.check`` calls; also ``checkify.float_checks``, ``index_checks``, ...).
+      graph: accepted for API compatibility.
+      graph_updates: accepted for API compatibility.
+
+    Returns:
+      A function returning ``(err, out)``; ``err.get()`` is ``None`` when every check passed.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jax.experimental import checkify
+      >>> from refax import nnx
+      >>> def f(v):
+      ...   checkify.check(v.value > 0, 'v must be positive, got {}', v.value)
+      ...   return jnp.log(v.value)
+      >>> err, out = nnx.checkify(f)(nnx.Param(jnp.array(-1.0)))
+      >>> err.get()
+      'v must be positive, got -1.0 (`check` failed)'
+    """
+    check_not_bound_method(f, "checkify")
+    checked = checkify_lib.checkify(make_pure(lambda a, kw, _: f(*a, **kw)), errors=errors)
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> tuple[Any, A]:
+        inputs = split_inputs(args, kwargs)
+        err, (info, values, out_other) = checked(static_of(inputs), inputs.values, inputs.other)
+        return err, apply_outputs(inputs, info.value, values, out_other)
+
+    return wrapper
+
+
+# -- make_jaxpr ------------------------------------------------------------------------------
+def make_jaxpr(
+    f: Callable[..., Any] | None = None,
+    *,
+    static_argnums: int | Sequence[int] = (),
+    return_shape: bool = False,
+    graph: bool | None = None,
+    graph_updates: bool | None = None,
+) -> Any:
+    """Lifted ``jax.make_jaxpr``: the ``ClosedJaxpr`` of ``f`` on arguments holding objects.
+
+    The jaxpr's inputs are the state leaves of the argument objects followed by the other
+    array leaves; its outputs are the leaves of ``f``'s output (objects contribute their state
+    leaves). State updates made inside are not outputs and are not applied: nothing runs.
+
+    Args:
+      f: the function (omit it to use ``make_jaxpr(...)`` as a decorator factory).
+      static_argnums: positional arguments treated as static Python values.
+      return_shape: also return the output's shape, as :func:`eval_shape` would.
+      graph: accepted for API compatibility.
+      graph_updates: must not be ``True``: nothing runs, so there are no updates to propagate
+        (the documented API refuses it too). ``None`` and ``False`` are accepted.
+
+    Returns:
+      A function returning the ``ClosedJaxpr`` (and the shape with ``return_shape=True``).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from refax import nnx
+      >>> v = nnx.Param(jnp.ones(3))
+      >>> jaxpr = nnx.make_jaxpr(lambda v, x: jnp.sin(v.value) * x)(v, 2.0)
+      >>> 'sin' in str(jaxpr)
+      True
+    """
+    if graph_updates:
+        raise ValueError(
+            "nnx.make_jaxpr does not support graph_updates=True: it runs nothing, so there are "
+            "no updates to propagate. Leave graph_updates unset or pass False."
+        )
+    if f is None:
+        return functools.partial(
+            make_jaxpr, static_argnums=static_argnums, return_shape=return_shape, graph=graph
+        )
+    check_not_bound_method(f, "make_jaxpr")
+    argnums = _argnums(static_argnums)
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        args, static_args = _extract_static(args, argnums, "make_jaxpr")
+        inputs = split_inputs(args, kwargs)
+        static = static_of(inputs)
+
+        def pure(values: list[Any], other: list[Any]) -> Any:
+            a, kw, _, _ = rebuild_inputs(static.value, values, other)
+            return split_output(f(*_insert_static(a, static_args), **kw))
+
+        jaxpr, (s, values, other) = jax.make_jaxpr(pure, return_shape=True)(
+            inputs.values, inputs.other
+        )
+        if return_shape:
+            return jaxpr, merge_output(s.value, values, other)
+        return jaxpr
+
+    return wrapper
+
+
+# -- partial application ---------------------------------------------------------------------
+def cached_partial(
+    f: Callable[..., Any],
+    *cached_args: Any,
+    graph: bool | None = None,
+    graph_updates: bool | None = None,
+) -> Callable[..., Any]:
+    """``f`` with its first arguments fixed to ``cached_args`` (which may hold objects).
+
+    In the documented API this caches the graph traversal of ``cached_args`` to cut Python
+    overhead. refax's lifted transforms already cache that traversal per tuple of argument
+    identities (see ``_lift.py``) and reuse it while the objects' structure is unchanged, so
+    a plain ``functools.partial`` is as fast; unlike the documented API, the objects'
+    structure may change between calls.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from refax import nnx
+      >>> model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+      >>> forward = nnx.cached_partial(nnx.jit(lambda m, x: m(x)), model)
+      >>> forward(jnp.ones((1, 2))).shape
+      (1, 3)
+    """
+    return functools.partial(f, *cached_args)
+
+
+def jit_partial(
+    fun: Callable[..., Any],
+    *partial_args: Any,
+    in_shardings: Any = None,
+    out_shardings: Any = None,
+    static_argnums: int | Sequence[int] | None = None,
+    static_argnames: str | Sequence[str] | None = None,
+    donate_argnums: int | Sequence[int] | None = None,
+    donate_argnames: str | Sequence[str] | None = None,
+    keep_unused: bool = False,
+    device: Any = None,
+    backend: str | None = None,
+    inline: bool = False,
+    graph: bool | None = None,
+    graph_updates: bool | None = None,
+) -> Callable[..., Any]:
+    """``nnx.jit(fun, ...)`` with its first arguments fixed to ``partial_args``.
+
+    Argument indices (``in_shardings`` entries, ``static_argnums``, ``donate_argnums``) count
+    ``fun``'s positional parameters, the partial arguments first. Variable updates to the
+    partial arguments propagate after each call; values may change between calls without
+    retracing (refax's ``jit`` caches the graph walk per argument identity).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from refax import nnx
+      >>> model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+      >>> step = nnx.jit_partial(lambda m, x: m(x).sum(), model)
+      >>> step(jnp.ones((4, 2))).shape
+      ()
+    """
+    jitted = jit(
+        fun,
+        in_shardings=in_shardings,
+        out_shardings=out_shardings,
+        static_argnums=static_argnums,
+        static_argnames=static_argnames,
+        donate_argnums=donate_argnums,
+        donate_argnames=donate_argnames,
+        keep_unused=keep_unused,
+        device=device,
+        backend=backend,
+        inline=inline,
+        graph=graph,
+        graph_updates=graph_updates,
+    )
+    return functools.partial(jitted, *partial_args)

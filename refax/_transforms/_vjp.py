@@ -1,0 +1,620 @@
+"""Stateful ``vjp`` / ``jvp`` and ``custom_vjp`` over functions that take refax objects.
+
+Differentiation follows the conventions of ``nnx.grad``: for an argument holding objects, the
+differentiated part is the objects' ``Param`` state (``custom_vjp`` also accepts a
+``DiffState(argnum, filter)`` to choose another part); every other Variable (BatchStat,
+RngState, counters) goes in as a non-differentiated input and its updates still propagate out.
+Tangents and cotangents for objects are ``State`` objects shaped like
+``nnx.state(obj, nnx.Param)``; for arrays they are arrays, as in JAX.
+
+Differences from the documented API, which implements ``vjp``/``jvp`` only in tree mode (or
+without graph updates), treating a Module as a pytree of all its Variables: refax works in
+graph mode with updates, differentiates ``Param`` state only, and returns ``State`` cotangents
+(``jvp`` tangents may be a ``State`` or an object of the primal's type, e.g.
+``jax.tree.map(jnp.zeros_like, module)``).
+
+Example:
+  >>> import jax.numpy as jnp
+  >>> from refax import nnx
+  >>> lin = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+  >>> x = jnp.ones((1, 2))
+  >>> out, vjp_fn = nnx.vjp(lambda m, x: m(x).sum(), lin, x)
+  >>> m_grad, x_grad = vjp_fn(jnp.ones_like(out))
+  >>> m_grad['kernel'].value.shape, x_grad.shape
+  ((2, 3), (1, 2))
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any, Generic, TypeVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from refax._filters import to_predicate
+from refax._statelib import State
+from refax._transforms._jit import check_not_bound_method
+from refax._transforms._lift import (
+    Static,
+    apply_outputs,
+    collect_outputs,
+    is_node,
+    rebuild_inputs,
+    split_inputs,
+    static_of,
+)
+from refax._transforms._misc import merge_output, split_output
+from refax._transforms._prefix import DiffState, arg_owners
+from refax._variables import Param, Variable
+
+__all__ = ["vjp", "jvp", "custom_vjp", "CustomVjp"]
+
+A = TypeVar("A")
+_PARAM = to_predicate(Param)
+
+
+def _arraylike(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic, bool, int, float, complex))
+
+
+def _interleave(mask: Sequence[bool], a: Sequence[Any], b: Sequence[Any]) -> list[Any]:
+    ia, ib = iter(a), iter(b)
+    return [next(ia) if m else next(ib) for m in mask]
+
+
+def _fill(mask: Sequence[bool], a: Sequence[Any], base: Sequence[Any]) -> list[Any]:
+    ia = iter(a)
+    return [next(ia) if m else x for m, x in zip(mask, base)]
+
+
+def _zero_like(x: Any) -> Any:
+    dtype = jnp.result_type(x)
+    if jnp.issubdtype(dtype, jnp.inexact):
+        return jnp.zeros(jnp.shape(x), dtype)
+    return np.zeros(jnp.shape(x), jax.dtypes.float0)
+
+
+def _as_mapping(t: Any) -> Any:
+    """A tangent / cotangent given for an object: its nested dict of leaves."""
+    if isinstance(t, Variable):
+        return t
+    if is_node(t):
+        from refax._graph import state
+
+        t = state(t)
+    return t.raw_mapping if isinstance(t, State) else t
+
+
+def _lookup(mapping: Any, keys: tuple) -> Any:
+    """The raw value at ``keys`` in a nested mapping of Variables/arrays; None when absent."""
+    node = mapping
+    for key in keys:
+        if isinstance(node, State):
+            node = node.raw_mapping
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    if isinstance(node, State):
+        return None
+    return node._raw_value if isinstance(node, Variable) else node
+
+
+class _Split:
+    """The arguments of one call, split into differentiated and other leaves.
+
+    ``value_mask``/``other_mask`` mark the differentiated state leaves and plain leaves;
+    ``dv``/``do`` hold them, ``nv``/``no`` the rest (``no`` keeps its positions, with None at
+    differentiated ones).
+    """
+
+    def __init__(self, args: tuple, preds: dict[int, Any], plain_diff: Callable[[int], bool]):
+        self.args = args
+        self.inputs = inputs = split_inputs(args, {})
+        self.owners = owners = arg_owners(inputs, args, {})
+        walk = inputs.walk
+        mask = []
+        for leaf, path in zip(walk.leaves, walk.paths):
+            pred = preds.get(owners[inputs.node_pos[path[0]]])
+            mask.append(pred is not None and pred(path[1:], leaf))
+        self.value_mask = tuple(mask)
+        self.other_mask = tuple(
+            x is not None and _arraylike(x) and plain_diff(owners[i])
+            for i, x in enumerate(inputs.other)
+        )
+        self.dv = [x for m, x in zip(self.value_mask, inputs.values) if m]
+        self.nv = [x for m, x in zip(self.value_mask, inputs.values) if not m]
+        self.do = [x for m, x in zip(self.other_mask, inputs.other) if m]
+        self.no = [None if m else x for m, x in zip(self.other_mask, inputs.other)]
+        self.static = static_of(inputs)
+        node_at = {p: k for k, p in enumerate(inputs.node_pos)}
+        self.node_at = node_at
+        # per argument: (first flat position, treedef with objects as leaves)
+        self.arg_layout = []
+        start = 0
+        for a in args:
+            treedef = jax.tree_util.tree_structure(a, is_leaf=is_node)
+            self.arg_layout.append((start, treedef))
+            start += treedef.num_leaves
+
+    def rebuild(self, dv: Sequence[Any], do: Sequence[Any], nv=None, no=None) -> tuple:
+        values = _interleave(self.value_mask, dv, self.nv if nv is None else nv)
+        other = _fill(self.other_mask, do, self.no if no is None else no)
+        args, kwargs, nodes, built = rebuild_inputs(self.static.value, values, other)
+        return values, args, nodes, built
+
+    def diff_leaves_of(self, k: int) -> list[tuple[int, tuple]]:
+        """(index among dv, path inside the node) of the differentiated leaves of node ``k``."""
+        out, j = [], 0
+        for m, path in zip(self.value_mask, self.inputs.walk.paths):
+            if m:
+                if path[0] == k:
+                    out.append((j, path[1:]))
+                j += 1
+        return out
+
+    def per_arg(self, i: int, for_node: Callable[[int], Any], for_plain: Callable[[int], Any]):
+        """Argument ``i``'s pytree with each object replaced by ``for_node(node index)`` and
+        each other leaf by ``for_plain(flat position)``."""
+        start, treedef = self.arg_layout[i]
+        leaves = []
+        for pos in range(start, start + treedef.num_leaves):
+            k = self.node_at.get(pos)
+            leaves.append(for_node(k) if k is not None else for_plain(pos))
+        return jax.tree_util.tree_unflatten(treedef, leaves)
+
+    def state_of(self, k: int, values: Sequence[Any]) -> Any:
+        """The State (a Variable for a bare Variable argument) of node ``k``'s diff leaves."""
+        leaves = self.inputs.walk.leaves
+        dv_index = [i for i, m in enumerate(self.value_mask) if m]
+        root: dict = {}
+        for j, path in self.diff_leaves_of(k):
+            leaf = leaves[dv_index[j]]
+            v = leaf.replace(values[j]) if isinstance(leaf, Variable) else values[j]
+            if not path:
+                return v
+            d = root
+            for key in path[:-1]:
+                d = d.setdefault(key, {})
+            d[path[-1]] = v
+        return State._from_dict_unsafe(root)
+
+    def cotangents(self, g_dv: Sequence[Any], g_do: Sequence[Any], argnums: Sequence[int]):
+        """Per argument in ``argnums``: States for objects, gradients for other leaves."""
+        plain = dict(zip([i for i, m in enumerate(self.other_mask) if m], g_do))
+        return tuple(
+            self.per_arg(i, lambda k: self.state_of(k, g_dv), lambda pos: plain.get(pos))
+            for i in argnums
+        )
+
+    def flat_tangents(self, i: int, t: Any, what: str) -> tuple[dict, dict]:
+        """Tangents given for argument ``i``: ({dv index: value}, {flat position: value})."""
+        start, treedef = self.arg_layout[i]
+        if t is None:
+            return {}, {}
+        try:
+            leaves = treedef.flatten_up_to(t)
+        except (ValueError, TypeError) as e:
+            raise ValueError(
+                f"The {what} for argument {i} does not have the argument's structure "
+                f"{treedef} (objects count as leaves and take a State): {e}"
+            ) from None
+        by_dv: dict[int, Any] = {}
+        by_pos: dict[int, Any] = {}
+        for j, leaf in enumerate(leaves):
+            pos = start + j
+            k = self.node_at.get(pos)
+            if k is None:
+                by_pos[pos] = leaf
+                continue
+            if leaf is None:
+                continue
+            mapping = _as_mapping(leaf)
+            for d, path in self.diff_leaves_of(k):
+                if not path:
+                    by_dv[d] = mapping._raw_value if isinstance(mapping, Variable) else mapping
+                else:
+                    by_dv[d] = _lookup(mapping, path)
+        return by_dv, by_pos
+
+
+def _check_no_nodes(out: Any, transform: str) -> None:
+    if any(is_node(x) for x in jax.tree_util.tree_leaves(out, is_leaf=is_node)):
+        raise TypeError(
+            f"nnx.{transform}: the differentiated output contains a refax object; it must be "
+            "arrays only. Return objects as auxiliary data (has_aux=True) instead."
+        )
+
+
+def _unpack(out: Any, has_aux: bool, transform: str) -> tuple[Any, Any]:
+    if not has_aux:
+        return out, None
+    if not (isinstance(out, tuple) and len(out) == 2):
+        raise ValueError(
+            f"nnx.{transform}: has_aux=True requires the function to return a pair "
+            f"(output, aux), got {type(out).__name__}."
+        )
+    return out
+
+
+def _pure_for(sp: _Split, f: Callable[..., Any], has_aux: bool, transform: str):
+    graphdef = sp.inputs.graphdef
+
+    def pure(dv: list[Any], do: list[Any]) -> tuple[Any, tuple]:
+        values, args, nodes, built = sp.rebuild(dv, do)
+        out, aux = _unpack(f(*args), has_aux, transform)
+        _check_no_nodes(out, transform)
+        info, new_values, aux_other = collect_outputs(graphdef, values, nodes, built, aux)
+        return out, (Static(info), new_values, aux_other)
+
+    return pure
+
+
+# -- vjp / jvp -------------------------------------------------------------------------------
+def vjp(
+    f: Callable[..., Any] | None = None,
+    *primals: Any,
+    has_aux: bool = False,
+    reduce_axes: Sequence[Any] = (),
+    graph: bool | None = None,
+    graph_updates: bool | None = None,
+) -> Any:
+    """Stateful ``jax.vjp``: ``(out, vjp_fn)`` (``(out, vjp_fn, aux)`` with ``has_aux``).
+
+    Args:
+      f: the function; its arguments may hold objects. Its (primary) output must be arrays.
+      *primals: the arguments. Omit them (``nnx.vjp(f)``, or ``@nnx.vjp(has_aux=...)``) to get
+        a function of the primals.
+      has_aux: ``f`` returns ``(out, aux)``; ``aux`` may hold objects.
+      reduce_axes: deprecated in JAX; must be empty.
+      graph: accepted for API compatibility.
+      graph_updates: accepted for API compatibility.
+
+    Returns:
+      ``vjp_fn(cotangent)`` returns one cotangent per primal: a ``State`` of ``Param``
+      gradients for an object, an array for an array. State updates made by ``f`` propagate
+      to the primals' objects when ``vjp`` is called.
+    """
+    if reduce_axes:
+        raise NotImplementedError("reduce_axes is deprecated in jax.vjp and not supported.")
+    if f is None:
+        return functools.partial(vjp, has_aux=has_aux, graph=graph, graph_updates=graph_updates)
+    check_not_bound_method(f, "vjp")
+    if not primals:
+        return functools.partial(vjp, f, has_aux=has_aux, graph=graph, graph_updates=graph_updates)
+    sp = _Split(primals, dict.fromkeys(range(len(primals)), _PARAM), lambda owner: True)
+    out, raw_vjp, (info, new_values, aux_other) = jax.vjp(
+        _pure_for(sp, f, has_aux, "vjp"), sp.dv, sp.do, has_aux=True
+    )
+    aux = apply_outputs(sp.inputs, info.value, new_values, aux_other)
+
+    def vjp_fn(cotangent: Any) -> tuple[Any, ...]:
+        g_dv, g_do = raw_vjp(cotangent)
+        return sp.cotangents(g_dv, g_do, range(len(primals)))
+
+    return (out, vjp_fn, aux) if has_aux else (out, vjp_fn)
+
+
+def jvp(
+    f: Callable[..., Any] | None = None,
+    primals: tuple[Any, ...] | None = None,
+    tangents: tuple[Any, ...] | None = None,
+    *,
+    has_aux: bool = False,
+    graph: bool | None = None,
+    graph_updates: bool | None = None,
+) -> Any:
+    """Stateful ``jax.jvp``: ``(out, tangent_out)`` (``(out, tangent_out, aux)``).
+
+    Args:
+      f: the function; its arguments may hold objects. Its (primary) output must be arrays.
+      primals: the arguments, as a tuple (omit with ``tangents`` to get a function of both).
+      tangents: a tuple like ``primals``: for an object, a ``State`` of ``Param`` tangents
+        (missing entries count as zero) or an object of the same structure; for an array, an
+        array; ``None`` anywhere means zero.
+      has_aux: ``f`` returns ``(out, aux)``; ``aux`` may hold objects.
+      graph: accepted for API compatibility.
+      graph_updates: accepted for API compatibility.
+
+    Returns:
+      The output and its tangent; state updates made by ``f`` propagate to the primals.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from refax import nnx
+      >>> w = nnx.Param(jnp.array(3.0))
+      >>> nnx.jvp(lambda w, x: w * x, (w, 2.0), (nnx.Param(jnp.array(1.0)), 0.0))
+      (Array(6., dtype=float32, weak_type=True), Array(2., dtype=float32, weak_type=True))
+    """
+    if f is None:
+        return functools.partial(jvp, has_aux=has_aux, graph=graph, graph_updates=graph_updates)
+    check_not_bound_method(f, "jvp")
+    if primals is None or tangents is None:
+        return functools.partial(jvp, f, has_aux=has_aux, graph=graph, graph_updates=graph_updates)
+    primals, tangents = tuple(primals), tuple(tangents)
+    if len(primals) != len(tangents):
+        raise ValueError(
+            f"nnx.jvp: got {len(primals)} primals but {len(tangents)} tangents; pass one "
+            "tangent per primal (None for zero)."
+        )
+    sp = _Split(primals, dict.fromkeys(range(len(primals)), _PARAM), lambda owner: True)
+    by_dv: dict[int, Any] = {}
+    by_pos: dict[int, Any] = {}
+    for i, t in enumerate(tangents):
+        d, p = sp.flat_tangents(i, t, "tangent")
+        by_dv.update(d)
+        by_pos.update(p)
+    t_dv = [by_dv.get(j) for j in range(len(sp.dv))]
+    t_dv = [_zero_like(x) if t is None else t for x, t in zip(sp.dv, t_dv)]
+    do_pos = [i for i, m in enumerate(sp.other_mask) if m]
+    t_do = [by_pos.get(p) for p in do_pos]
+    t_do = [_zero_like(x) if t is None else t for x, t in zip(sp.do, t_do)]
+    out, t_out, (info, new_values, aux_other) = jax.jvp(
+        _pure_for(sp, f, has_aux, "jvp"), (sp.dv, sp.do), (t_dv, t_do), has_aux=True
+    )
+    aux = apply_outputs(sp.inputs, info.value, new_values, aux_other)
+    return (out, t_out, aux) if has_aux else (out, t_out)
+
+
+# -- custom_vjp ------------------------------------------------------------------------------
+class CustomVjp(Generic[A]):
+    """A function with a custom VJP; made by :func:`custom_vjp`, completed by :meth:`defvjp`.
+
+    Calling conventions (those of the documented API in graph mode):
+
+    * ``fwd(*args) -> (out, residuals)``, with the same arguments as the function; it usually
+      calls the function itself. Residuals may hold objects (they are rebuilt for ``bwd``).
+    * ``bwd(*nondiff_args, residuals, (input_updates_g, out_g)) -> cotangents``: ``out_g`` is
+      the output's cotangent; ``input_updates_g`` has one entry per differentiated argument,
+      a ``State`` of the differentiable Variables of each object (the cotangent flowing into
+      the values the function wrote to them, zeros for the others) and ``None`` for other
+      arguments. Copy it (``jax.tree.map(lambda x: x, ...)``) to get a template for the
+      cotangents.
+    * ``bwd`` returns one cotangent per differentiated argument (``nondiff_argnums`` ints
+      excluded): a ``State`` for an object (missing entries are zero, extra ones ignored;
+      an object of the same structure is accepted too), arrays for arrays, ``None`` for zero.
+
+    With ``graph_updates=False`` (or ``graph=False``), ``bwd`` receives ``out_g`` alone, plus
+    ``updates_g=input_updates_g`` if it declares that keyword.
+    """
+
+    def __init__(
+        self,
+        fun: Callable[..., A],
+        nondiff_argnums: Sequence[int | DiffState] = (),
+        updates_convention: bool = True,
+    ):
+        check_not_bound_method(fun, "custom_vjp")
+        functools.update_wrapper(self, fun)
+        self.fun = fun
+        self.nondiff_argnums = tuple(nondiff_argnums)
+        self._ints = tuple(a for a in self.nondiff_argnums if isinstance(a, int))
+        self._filters = tuple(
+            (a.argnum, a.filter) for a in self.nondiff_argnums if isinstance(a, DiffState)
+        )
+        bad = [a for a in self.nondiff_argnums if not isinstance(a, (int, DiffState))]
+        if bad:
+            raise TypeError(
+                f"nnx.custom_vjp: nondiff_argnums entries must be ints or nnx.DiffState, got "
+                f"{bad[0]!r}."
+            )
+        self._updates_convention = updates_convention
+        self.fwd: Callable[..., Any] | None = None
+        self.bwd: Callable[..., Any] | None = None
+        self._bwd_updates_g = False
+        try:
+            self._signature: inspect.Signature | None = inspect.signature(fun)
+        except (TypeError, ValueError):
+            self._signature = None
+
+    def defvjp(
+        self, fwd: Callable[..., Any], bwd: Callable[..., Any], symbolic_zeros: bool = False
+    ) -> None:
+        """Sets the forward (``fwd(*args) -> (out, res)``) and backward rules."""
+        if symbolic_zeros:
+            raise NotImplementedError("nnx.custom_vjp does not support symbolic_zeros=True.")
+        self.fwd, self.bwd = fwd, bwd
+        try:
+            self._bwd_updates_g = "updates_g" in inspect.signature(bwd).parameters
+        except (TypeError, ValueError):
+            self._bwd_updates_g = False
+
+    def __get__(self, obj: Any, objtype: Any = None) -> Any:
+        if obj is None:
+            return self
+        return functools.partial(self, obj)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> A:
+        if self.fwd is None or self.bwd is None:
+            raise AttributeError(
+                f"No VJP defined for custom_vjp function {getattr(self, '__name__', '?')}: "
+                "call .defvjp(fwd, bwd) first."
+            )
+        if kwargs:
+            if self._signature is None:
+                raise TypeError("nnx.custom_vjp: pass the arguments positionally.")
+            bound = self._signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            args, kwargs = bound.args, bound.kwargs
+            if kwargs:
+                raise TypeError("nnx.custom_vjp does not support keyword-only arguments.")
+        return _CustomVjpCall(self, args).run()
+
+
+class _CustomVjpCall:
+    """One call of a :class:`CustomVjp`: the pure functions JAX's custom_vjp sees."""
+
+    def __init__(self, cv: CustomVjp, args: tuple):
+        self.cv = cv
+        n = len(args)
+        self.nondiff = tuple(sorted({a % n for a in cv._ints if -n <= a < n}))
+        self.diff_args = tuple(i for i in range(n) if i not in self.nondiff)
+        filters = {a % n: f for a, f in cv._filters if -n <= a < n}
+        preds = {i: to_predicate(filters.get(i, Param)) for i in self.diff_args}
+        self.sp = sp = _Split(args, preds, lambda owner: owner not in self.nondiff)
+        for pos in sp.inputs.node_pos:
+            if sp.owners[pos] in self.nondiff:
+                raise ValueError(
+                    f"nnx.custom_vjp: nondiff_argnums marks argument {sp.owners[pos]} as "
+                    "non-differentiable, but it holds a refax object; integers cannot mark "
+                    "objects. Use nnx.DiffState(argnum, nnx.Nothing) (or another filter) to "
+                    "choose which of its Variables are differentiable."
+                )
+        # the other leaves that are not differentiated: arrays go through JAX, the rest static
+        self.na_mask = tuple(x is not None and _arraylike(x) for x in sp.no)
+        self.na = [x for m, x in zip(self.na_mask, sp.no) if m]
+        self.no_static = [None if m else x for m, x in zip(self.na_mask, sp.no)]
+        self.dv_shapes = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in sp.dv]
+        self.res_layout: Any = None
+
+    def _rebuild(self, dv, da, nv, na) -> tuple:
+        no = _fill(self.na_mask, na, self.no_static)
+        return self.sp.rebuild(dv, da, nv, no)
+
+    def _outputs(self, values, nodes, built, out) -> tuple[Static, list, list]:
+        info, new_values, out_other = collect_outputs(
+            self.sp.inputs.graphdef, values, nodes, built, out
+        )
+        if not info.unchanged:
+            raise ValueError(
+                f"nnx.custom_vjp: {getattr(self.cv, '__name__', 'the function')} changed the "
+                "graph structure of its arguments (added, deleted or re-shared attributes) or "
+                "returned new objects; custom_vjp functions may only update Variable values."
+            )
+        return Static(info), out_other, new_values
+
+    def primal(self, dv, da, nv, na):
+        values, args, nodes, built = self._rebuild(dv, da, nv, na)
+        return self._outputs(values, nodes, built, self.cv.fun(*args))
+
+    def forward(self, dv, da, nv, na):
+        values, args, nodes, built = self._rebuild(dv, da, nv, na)
+        result = self.cv.fwd(*args)  # type: ignore[misc]
+        if not (isinstance(result, tuple) and len(result) == 2):
+            raise ValueError(
+                "nnx.custom_vjp: fwd must return a pair (output, residuals), got "
+                f"{type(result).__name__}."
+            )
+        out, res = result
+        primal_out = self._outputs(values, nodes, built, out)
+        s, res_values, res_other = split_output(res)
+        mask = tuple(x is not None and _arraylike(x) for x in res_other)
+        self.res_layout = (s.value, mask, [None if m else x for m, x in zip(mask, res_other)])
+        res_arrays = [x for m, x in zip(mask, res_other) if m]
+        return primal_out, (res_values, res_arrays, na)
+
+    def backward(self, residuals, g):
+        sp = self.sp
+        res_values, res_arrays, na = residuals
+        structure, mask, template = self.res_layout
+        res = merge_output(structure, res_values, _fill(mask, res_arrays, template))
+        info_s, g_out_other, g_new_values = g
+        info = info_s.value
+        out_g = jax.tree_util.tree_unflatten(info.out_treedef, g_out_other)
+        # cotangents of the values the function wrote into differentiated Variables
+        dv_index = {i: j for j, i in enumerate(i for i, m in enumerate(sp.value_mask) if m)}
+        upd = [None] * len(sp.dv)
+        for i, g_i in zip(info.changed, g_new_values):
+            if i in dv_index:
+                upd[dv_index[i]] = g_i
+        upd = [jnp.zeros(s.shape, s.dtype) if u is None else u for s, u in zip(self.dv_shapes, upd)]
+        input_updates_g = tuple(
+            sp.per_arg(i, lambda k: sp.state_of(k, upd), lambda pos: None)
+            if any(sp.owners[p] == i for p in sp.inputs.node_pos)
+            else None
+            for i in self.diff_args
+        )
+        other = _fill(self.na_mask, na, self.no_static)
+        all_args, _ = jax.tree_util.tree_unflatten(sp.inputs.treedef, other)
+        nondiff_args = [all_args[i] for i in self.nondiff]
+        bwd = self.cv.bwd
+        if self.cv._updates_convention:
+            cts = bwd(*nondiff_args, res, (input_updates_g, out_g))  # type: ignore[misc]
+        elif self.cv._bwd_updates_g:
+            cts = bwd(*nondiff_args, res, out_g, updates_g=input_updates_g)  # type: ignore[misc]
+        else:
+            cts = bwd(*nondiff_args, res, out_g)  # type: ignore[misc]
+        if isinstance(cts, list):
+            cts = tuple(cts)
+        if not isinstance(cts, tuple) or len(cts) != len(self.diff_args):
+            raise ValueError(
+                "nnx.custom_vjp: bwd must return a tuple with one cotangent per differentiated "
+                f"argument ({len(self.diff_args)}: arguments {list(self.diff_args)}), got "
+                f"{type(cts).__name__}"
+                + (f" of length {len(cts)}." if isinstance(cts, tuple) else ".")
+            )
+        by_dv: dict[int, Any] = {}
+        by_pos: dict[int, Any] = {}
+        for i, ct in zip(self.diff_args, cts):
+            d, p = sp.flat_tangents(i, ct, "cotangent bwd returned")
+            by_dv.update(d)
+            by_pos.update(p)
+        g_dv = [by_dv.get(j) for j in range(len(sp.dv))]
+        g_da = [by_pos.get(p) for p in (i for i, m in enumerate(sp.other_mask) if m)]
+        return g_dv, g_da, [None] * len(sp.nv), [None] * len(self.na)
+
+    def run(self) -> Any:
+        sp = self.sp
+        fn = jax.custom_vjp(self.primal)
+        fn.defvjp(self.forward, self.backward)
+        info_s, out_other, new_values = fn(sp.dv, sp.do, sp.nv, self.na)
+        return apply_outputs(sp.inputs, info_s.value, new_values, out_other)
+
+
+def custom_vjp(
+    fun: Callable[..., A] | None = None,
+    *,
+    nondiff_argnums: Sequence[int | DiffState] = (),
+    graph: bool | None = None,
+    graph_updates: bool | None = None,
+) -> Any:
+    """Lifted ``jax.custom_vjp``: a function of objects with a user-defined backward pass.
+
+    By default the ``Param`` Variables of object arguments and all array arguments are
+    differentiable; ``nondiff_argnums`` may hold ints (plain arguments that get no cotangent
+    and are passed first to ``bwd``, as in JAX) and ``DiffState(argnum, filter)`` entries
+    (the Variables of that object argument that are differentiable). See :class:`CustomVjp`
+    for the ``fwd``/``bwd`` calling conventions. (The documented API differentiates every
+    Variable of an object by default; refax uses ``Param``, like ``nnx.grad``.)
+
+    Args:
+      fun: the function (omit it to use ``custom_vjp(...)`` as a decorator factory).
+      nondiff_argnums: ints and ``DiffState`` prefixes, as described above.
+      graph: ``False`` selects the simpler ``bwd(res, out_g)`` convention.
+      graph_updates: ``False`` selects the simpler ``bwd(res, out_g)`` convention.
+
+    Returns:
+      A :class:`CustomVjp`; call ``.defvjp(fwd, bwd)`` before using it.
+
+    Example:
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> from refax import nnx
+      >>> class Foo(nnx.Module):
+      ...   def __init__(self, x, y):
+      ...     self.x = nnx.Param(x)
+      ...     self.y = nnx.Param(y)
+      >>> @nnx.custom_vjp
+      ... def f(m):
+      ...   return jnp.sin(m.x) * m.y
+      >>> def f_fwd(m):
+      ...   return f(m), (jnp.cos(m.x), jnp.sin(m.x), m)
+      >>> def f_bwd(res, g):
+      ...   input_updates_g, out_g = g
+      ...   cos_x, sin_x, m = res
+      ...   (m_g,) = jax.tree.map(lambda x: x, input_updates_g)
+      ...   m_g['x'].value = cos_x * out_g * m.y
+      ...   m_g['y'].value = sin_x * out_g
+      ...   return (m_g,)
+      >>> f.defvjp(f_fwd, f_bwd)
+      >>> grads = nnx.grad(f)(Foo(jnp.array(0.0), jnp.array(2.0)))
+      >>> float(grads['x'].value), float(grads['y'].value)
+      (2.0, 0.0)
+    """
+    convention = graph is not False and graph_updates is not False
+    if fun is None:
+        return lambda f: CustomVjp(f, nondiff_argnums, convention)
+    return CustomVjp(fun, nondiff_argnums, convention)
