@@ -41,6 +41,7 @@ from refax._transforms._lift import (
     collect_outputs,
     is_node,
     rebuild_inputs,
+    resolve_modes,
     split_inputs,
 )
 from refax._transforms._prefix import StateSharding, resolve_leaf_prefixes
@@ -54,6 +55,12 @@ def _as_tuple(x: int | str | Sequence[Any] | None) -> tuple:
     if isinstance(x, (int, str)):
         return (x,)
     return tuple(x)
+
+
+def _input_leaves(nodes: tuple) -> list[Any]:
+    from refax._graph._flatten import flatten
+
+    return flatten(nodes).leaves
 
 
 def check_not_bound_method(fun: Callable[..., Any], transform: str) -> None:
@@ -100,6 +107,7 @@ class JitWrapped:
         self.donate_argnames = _as_tuple(donate_argnames)
         self.graph = graph
         self.graph_updates = graph_updates
+        self._modes = (True, True)
         try:
             self._signature: inspect.Signature | None = inspect.signature(fun)
         except (TypeError, ValueError):
@@ -129,15 +137,25 @@ class JitWrapped:
         kept_other: list[Any],
     ):
         graphdef, treedef, node_pos, extra = static.value
-        static_args, value_mask, other_mask, in_sh, out_sh = extra
+        static_args, value_mask, other_mask, in_sh, out_sh, _modes = extra
         values = _interleave(value_mask, donated_values, kept_values)
         other = _interleave(other_mask, donated_other, kept_other)
         if in_sh is not None:
             values = [_constrain(x, s) for x, s in zip(values, in_sh)]
         args, kwargs, nodes, built = rebuild_inputs(static.value, values, other)
         args, kwargs = _insert_static(args, kwargs, static_args)
+        graph_updates = self._modes[1]
+        input_leaves = None if graph_updates else _input_leaves(nodes)
         out = self.fun(*args, **kwargs)
-        info, new_values, out_other = collect_outputs(graphdef, values, nodes, built, out)
+        info, new_values, out_other = collect_outputs(
+            graphdef,
+            values,
+            nodes,
+            built,
+            out,
+            graph_updates=graph_updates,
+            input_leaves=input_leaves,
+        )
         if out_sh is not None:
             new_values, out_other = _constrain_outputs(out_sh, info, new_values, out_other)
         return Static(info), new_values, out_other
@@ -147,9 +165,10 @@ class JitWrapped:
         args, kwargs, static_args = _extract_static(
             args, kwargs, self.static_argnums, self.static_argnames
         )
-        inputs = split_inputs(args, kwargs)
+        self._modes = resolve_modes(self.graph, self.graph_updates)
+        inputs = split_inputs(args, kwargs, graph=self._modes[0])
         graphdef = inputs.graphdef
-        key = (id(graphdef), inputs.treedef, inputs.node_pos, static_args)
+        key = (id(graphdef), inputs.treedef, inputs.node_pos, static_args, self._modes)
         hit = self._statics.get(key)
         if hit is not None and hit[0] is graphdef:
             return inputs, hit[1], hit[2]
@@ -165,7 +184,7 @@ class JitWrapped:
             if self.in_shardings is not None
             else None
         )
-        extra = (static_args, value_mask, other_mask, in_sh, self._out_sh)
+        extra = (static_args, value_mask, other_mask, in_sh, self._out_sh, self._modes)
         static = Static((graphdef, inputs.treedef, inputs.node_pos, extra))
         if len(self._statics) >= 64:
             self._statics.pop(next(iter(self._statics)))

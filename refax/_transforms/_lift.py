@@ -183,14 +183,33 @@ def _raw(leaf: Any) -> Any:
     return leaf._raw_value if isinstance(leaf, Variable) else leaf
 
 
-def split_inputs(args: tuple, kwargs: dict) -> Inputs:
-    """Step 1: separates graph nodes from the rest of the arguments and walks them."""
+def resolve_modes(graph: bool | None, graph_updates: bool | None) -> tuple[bool, bool]:
+    """The effective (graph, graph_updates) flags: None reads the process-wide default; tree
+    mode (graph=False) never propagates graph updates."""
+    from refax._config import graph_mode_default, graph_updates_default
+
+    graph = graph_mode_default() if graph is None else graph
+    graph_updates = graph_updates_default() if graph_updates is None else graph_updates
+    return graph, graph and graph_updates
+
+
+def split_inputs(args: tuple, kwargs: dict, *, graph: bool = True) -> Inputs:
+    """Step 1: separates graph nodes from the rest of the arguments and walks them.
+
+    In tree mode (``graph=False``) an object reachable twice is an error.
+    """
     leaves, treedef = jax.tree_util.tree_flatten((args, kwargs), is_leaf=is_node)
     node_pos = tuple(i for i, x in enumerate(leaves) if is_node(x))
     nodes = tuple(leaves[i] for i in node_pos)
     for i in node_pos:
         leaves[i] = None
     walk, all_vars = _walk_nodes(nodes)
+    if not graph and walk.num_refs:
+        raise ValueError(
+            "Shared reference found in tree mode (graph=False): an object or Variable is "
+            "reachable through more than one path in the arguments. Pass graph=True (graph "
+            "mode keeps sharing) or remove the shared reference."
+        )
     if all_vars:
         values = [leaf._raw_value for leaf in walk.leaves]
     else:
@@ -272,6 +291,8 @@ def collect_outputs(
     every_input: bool = False,
     before_walk: Callable[[FlattenResult], None] | None = None,
     annotate: Callable[[FlattenResult], Any] | None = None,
+    graph_updates: bool = True,
+    input_leaves: Sequence[Any] | None = None,
 ) -> tuple[Info, list[Any], list[Any]]:
     """Inside a transform, after the user function: what changed, as (info, values, other).
 
@@ -279,7 +300,9 @@ def collect_outputs(
     (inputs, outputs) walk (structure changed; ``info.paths`` then gives their paths).
     ``all_values`` forces the latter; ``every_input`` returns every input leaf, changed or not
     (vectorising transforms must return each batched value). ``before_walk(joint)`` may edit
-    Variable metadata (axis names) before the final walk.
+    Variable metadata (axis names) before the final walk. With ``graph_updates=False`` the
+    structure of the inputs is left alone: only the values of the input leaves (the
+    ``input_leaves`` the inputs were rebuilt with, followed by identity) propagate.
     """
     out_leaves, out_treedef = jax.tree_util.tree_flatten(out, is_leaf=is_node)
     out_pos = tuple(i for i, x in enumerate(out_leaves) if is_node(x))
@@ -292,6 +315,17 @@ def collect_outputs(
     in_enc, out_enc = joint.graphdef.root[1]
     n_in = graphdef.num_nodes
     out_refs = tuple(e[1] if e[0] == REF and e[1] < n_in else -1 for e in out_enc[1])
+    if not graph_updates and input_leaves is not None:
+        position = {id(n): i for i, n in enumerate(built)}
+        refs = tuple(position.get(id(n), -1) for n in out_nodes)
+        if -1 not in refs:
+            new = [_raw(leaf) for leaf in input_leaves]
+            if every_input:
+                changed = tuple(range(len(new)))
+            else:
+                changed = tuple(i for i, (a, b) in enumerate(zip(new, in_values)) if a is not b)
+            info = Info(True, changed, out_treedef, out_pos, refs, None, ())
+            return info, [new[i] for i in changed], out_leaves
     unchanged = not all_values and in_enc == graphdef.root and -1 not in out_refs
     if unchanged:
         new = [_raw(leaf) for leaf in joint.leaves[: graphdef.num_leaves]]
