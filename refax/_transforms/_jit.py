@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -55,6 +56,32 @@ def _as_tuple(x: int | str | Sequence[Any] | None) -> tuple:
     if isinstance(x, (int, str)):
         return (x,)
     return tuple(x)
+
+
+def _rewarn_donation(caught: list, inputs: Inputs, value_mask: tuple) -> None:
+    """Re-emits JAX's 'donated buffers were not usable' warning naming the Variables."""
+    for w in caught:
+        message = str(w.message)
+        if "donated buffers were not usable" not in message:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            continue
+        walk = inputs.walk
+        names = []
+        for m, leaf, path in zip(value_mask, walk.leaves, walk.paths):
+            if not m:
+                continue
+            x = getattr(leaf, "_raw_value", leaf)
+            spec = f"{getattr(x, 'dtype', '?')}{list(getattr(x, 'shape', ()))}".replace(" ", "")
+            if spec in message.replace(" ", ""):
+                names.append(f"{type(leaf).__name__} '{'.'.join(map(str, path[1:]))}' ({spec})")
+        detail = ", ".join(names) if names else message
+        warnings.warn(
+            f"nnx.jit could not donate the buffers of: {detail}. They are still valid, but "
+            "the step keeps a copy; make the function return an array of the same shape and "
+            "dtype for each donated Variable (e.g. an updated value), or stop donating it.",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _input_leaves(nodes: tuple) -> list[Any]:
@@ -193,10 +220,17 @@ class JitWrapped:
         return inputs, (value_mask, other_mask), static
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        n_cached = len(self._statics)
         inputs, (value_mask, other_mask), static = self._prepare(args, kwargs)
         dv, kv = _split_by_mask(value_mask, inputs.values)
         do, ko = _split_by_mask(other_mask, inputs.other)
-        info, values, out_other = self._jitted(static, dv, kv, do, ko)
+        if dv and len(self._statics) != n_cached:  # a new structure: this call compiles
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                info, values, out_other = self._jitted(static, dv, kv, do, ko)
+            _rewarn_donation(caught, inputs, value_mask)
+        else:
+            info, values, out_other = self._jitted(static, dv, kv, do, ko)
         return apply_outputs(inputs, info.value, values, out_other)
 
     def lower(self, *args: Any, **kwargs: Any) -> Any:
