@@ -3,6 +3,11 @@
 ``from refax import nnx`` or ``import refax as nnx`` gives the whole public API, flat.
 """
 
+from refax import _filters as filterlib
+from refax import _graph as graphlib
+from refax import _rngs as rnglib
+from refax import _statelib as statelib
+from refax import _variables as variablelib
 from refax import errors as errors
 from refax import nn as nn
 from refax import typing as typing
