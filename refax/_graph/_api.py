@@ -16,6 +16,7 @@ from refax._graph import _cache
 from refax._graph._flatten import (
     FlattenResult,
     _as_dict,
+    _tree_children,
     flatten,
     is_graph_node,
     merge_dicts,
@@ -215,46 +216,68 @@ def update(node: Any, state: Any, /, *states: Any) -> None:
         _update(node, _as_dict(s), (), trace)
 
 
-def _update(node: Any, d: Any, path: tuple, trace: Any) -> None:
-    nd = node.__dict__ if isinstance(node, Pytree) else None
-    for key, sub in d.items():
-        if type(sub) is not dict:
-            sub = _as_dict(sub)
-        if nd is not None:
+def _update(node: Any, d: Any, path: tuple, trace: Any) -> Any:
+    """Writes the nested state ``d`` into ``node``; returns ``node``, or a rebuilt copy when it
+    is an immutable container (tuple, namedtuple, other pytree) whose contents changed."""
+    if isinstance(node, Pytree):
+        nd = node.__dict__
+        for key, sub in d.items():
             current = nd.get(key, _MISSING) if key != _STATE_ATTR else _MISSING
-        elif isinstance(node, dict):
-            current = node.get(key, _MISSING)
-        elif isinstance(node, (list, tuple)) and isinstance(key, int) and key < len(node):
-            current = node[key]
-        else:
-            current = _MISSING
-        if current is _MISSING:
-            raise GraphStructureError(
-                f"Cannot update {type(node).__name__} at '{'.'.join(map(str, (*path, key)))}': "
-                "the object has no such attribute or item. Update with a State split from this "
-                "object, or merge into a new object instead."
-            )
-        if isinstance(current, Variable):
-            if sub is current:
-                continue
-            ts = current._trace_state
-            if ts is not trace and ts != trace:
-                current._check_trace()  # raises TraceContextError
-            if isinstance(sub, Variable):
-                _set_raw(current, sub._raw_value)
-                meta = sub._var_metadata
-                if meta is not current._var_metadata and meta != current._var_metadata:
-                    current.set_metadata(dict(meta))
+            new = _update_child(node, current, key, sub, path, trace)
+            if new is not current:
+                setattr(node, key, new)
+        return node
+    if isinstance(node, (dict, list)):
+        for key, sub in d.items():
+            if isinstance(node, dict):
+                current = node.get(key, _MISSING)
             else:
-                _set_raw(current, sub)
-        elif type(sub) is dict:
-            _update(current, sub, (*path, key), trace)
+                current = node[key] if isinstance(key, int) and key < len(node) else _MISSING
+            new = _update_child(node, current, key, sub, path, trace)
+            if new is not current:
+                node[key] = new
+        return node
+    # immutable containers: rebuild with the updated children
+    treedef, keys, children = _tree_children(node)
+    index = {k: i for i, k in enumerate(keys)}
+    children = list(children)
+    changed = False
+    for key, sub in d.items():
+        i = index.get(key)
+        current = children[i] if i is not None else _MISSING
+        new = _update_child(node, current, key, sub, path, trace)
+        if new is not current:
+            children[i] = new
+            changed = True
+    return jax.tree_util.tree_unflatten(treedef, children) if changed else node
+
+
+def _update_child(node: Any, current: Any, key: Any, sub: Any, path: tuple, trace: Any) -> Any:
+    if type(sub) is not dict:
+        sub = _as_dict(sub)
+    if current is _MISSING:
+        raise GraphStructureError(
+            f"Cannot update {type(node).__name__} at '{'.'.join(map(str, (*path, key)))}': "
+            "the object has no such attribute or item. Update with a State split from this "
+            "object, or merge into a new object instead."
+        )
+    if isinstance(current, Variable):
+        if sub is current:
+            return current
+        ts = current._trace_state
+        if ts is not trace and ts != trace:
+            current._check_trace()  # raises TraceContextError
+        if isinstance(sub, Variable):
+            _set_raw(current, sub._raw_value)
+            meta = sub._var_metadata
+            if meta is not current._var_metadata and meta != current._var_metadata:
+                current.set_metadata(dict(meta))
         else:
-            value = sub.get_value() if isinstance(sub, Variable) else sub
-            if nd is not None:
-                setattr(node, key, value)
-            else:
-                node[key] = value
+            _set_raw(current, sub)
+        return current
+    if type(sub) is dict:
+        return _update(current, sub, (*path, key), trace)
+    return sub.get_value() if isinstance(sub, Variable) else sub
 
 
 _MISSING = object()

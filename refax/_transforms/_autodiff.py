@@ -75,7 +75,7 @@ def _differentiate(
     specs, single = _specs(argnums)
 
     @functools.wraps(fun)
-    def wrapper(*args: Any) -> Any:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
         from refax._filters import to_predicate
 
         n = len(args)
@@ -85,8 +85,8 @@ def _differentiate(
                 raise ValueError(
                     f"argnums refers to argument {a} but the function got {n} arguments."
                 )
-        inputs = split_inputs(args, {})
-        owners = arg_owners(inputs, args, {})
+        inputs = split_inputs(args, kwargs)
+        owners = arg_owners(inputs, args, kwargs)
         walk = inputs.walk
         preds = {a: to_predicate(f) for a, f in specs_n}
         # which state leaves and which plain leaves are differentiated (and for which argnum)
@@ -237,5 +237,13 @@ def grad(
 ) -> Any:
     """Lifted ``jax.grad``: gradients as a ``State`` for object arguments."""
     if f is None:
-        return lambda fn: grad(fn, argnums, has_aux, holomorphic=holomorphic, allow_int=allow_int)
+        return lambda fn: grad(
+            fn,
+            argnums,
+            has_aux,
+            holomorphic=holomorphic,
+            allow_int=allow_int,
+            graph=graph,
+            graph_updates=graph_updates,
+        )
     return _differentiate(f, argnums, has_aux, holomorphic, allow_int, return_value=False)

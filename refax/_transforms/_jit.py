@@ -182,6 +182,8 @@ class JitWrapped:
             out,
             graph_updates=graph_updates,
             input_leaves=input_leaves,
+            # donated inputs must all come back, or the Variables would keep deleted buffers
+            every_input=value_mask if any(value_mask) else False,
         )
         if out_sh is not None:
             new_values, out_other = _constrain_outputs(out_sh, info, new_values, out_other)
@@ -357,9 +359,9 @@ def _is_leaf_or_none(x: Any) -> bool:
 
 
 def _constrain(x: Any, sharding: Any) -> Any:
-    if sharding is None:
-        return x
-    return jax.lax.with_sharding_constraint(x, sharding)
+    from refax._transforms._prefix import shard_inside
+
+    return shard_inside(x, sharding)
 
 
 class _HashableTree:

@@ -19,6 +19,7 @@ Every lifted transform follows one pattern:
 
 from __future__ import annotations
 
+import operator
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -288,7 +289,7 @@ def collect_outputs(
     out: Any,
     *,
     all_values: bool = False,
-    every_input: bool = False,
+    every_input: bool | tuple[bool, ...] = False,
     before_walk: Callable[[FlattenResult], None] | None = None,
     annotate: Callable[[FlattenResult], Any] | None = None,
     graph_updates: bool = True,
@@ -299,7 +300,8 @@ def collect_outputs(
     ``values`` holds the changed input leaves (structure unchanged) or every leaf of the joint
     (inputs, outputs) walk (structure changed; ``info.paths`` then gives their paths).
     ``all_values`` forces the latter; ``every_input`` returns every input leaf, changed or not
-    (vectorising transforms must return each batched value). ``before_walk(joint)`` may edit
+    (vectorising transforms must return each batched value), or those a mask selects.
+    ``before_walk(joint)`` may edit
     Variable metadata (axis names) before the final walk. With ``graph_updates=False`` the
     structure of the inputs is left alone: only the values of the input leaves (the
     ``input_leaves`` the inputs were rebuilt with, followed by identity) propagate.
@@ -320,21 +322,25 @@ def collect_outputs(
         refs = tuple(position.get(id(n), -1) for n in out_nodes)
         if -1 not in refs:
             new = [_raw(leaf) for leaf in input_leaves]
-            if every_input:
-                changed = tuple(range(len(new)))
-            else:
-                changed = tuple(i for i, (a, b) in enumerate(zip(new, in_values)) if a is not b)
+            changed = _changed(new, in_values, every_input)
             info = Info(True, changed, out_treedef, out_pos, refs, None, ())
             return info, [new[i] for i in changed], out_leaves
-    unchanged = not all_values and in_enc == graphdef.root and -1 not in out_refs
+    # Unchanged means: same encoding, the very same objects at every node index (a swap of
+    # two Variables keeps the encoding but not the identities), no new output objects, and
+    # no raw-array attribute rebound (those are written back by rebuilding, below).
+    unchanged = (
+        not all_values
+        and in_enc == graphdef.root
+        and -1 not in out_refs
+        and all(map(operator.is_, joint.nodes[:n_in], built))
+    )
     if unchanged:
-        new = [_raw(leaf) for leaf in joint.leaves[: graphdef.num_leaves]]
-        if every_input:
-            changed = tuple(range(len(new)))
-        else:
-            changed = tuple(i for i, (a, b) in enumerate(zip(new, in_values)) if a is not b)
-        info = Info(True, changed, out_treedef, out_pos, out_refs, None, ())
-        return info, [new[i] for i in changed], out_leaves
+        in_leaves = joint.leaves[: graphdef.num_leaves]
+        new = [_raw(leaf) for leaf in in_leaves]
+        changed = _changed(new, in_values, every_input)
+        if all(isinstance(in_leaves[i], Variable) for i in changed):
+            info = Info(True, changed, out_treedef, out_pos, out_refs, None, ())
+            return info, [new[i] for i in changed], out_leaves
     position = {id(n): i for i, n in enumerate(built)}
     node_map = tuple((j, position[id(n)]) for j, n in enumerate(joint.nodes) if id(n) in position)
     values = [_raw(leaf) for leaf in joint.leaves]
@@ -343,6 +349,15 @@ def collect_outputs(
     if annotate is not None:
         info.annotation = tuple(annotate(joint))
     return info, values, out_leaves
+
+
+def _changed(new: list, old: Sequence[Any], every_input: bool | tuple) -> tuple[int, ...]:
+    """Indices of the input leaves to return: the changed ones, plus every one (True) or
+    those a mask selects (e.g. donated buffers, which must all come back)."""
+    if every_input is True:
+        return tuple(range(len(new)))
+    mask = every_input or ()
+    return tuple(i for i, (a, b) in enumerate(zip(new, old)) if a is not b or (mask and mask[i]))
 
 
 def make_pure(fun: Callable[..., Any]) -> Callable[..., Any]:
@@ -375,11 +390,7 @@ def apply_outputs(inputs: Inputs, info: Info, values: Sequence[Any], out_other: 
     if info.unchanged:
         leaves = walk.leaves
         for i, x in zip(info.changed, values):
-            leaf = leaves[i]
-            if isinstance(leaf, Variable):
-                _set_raw(leaf, x)
-            else:
-                _set_array_leaf(walk, i, x)
+            _set_raw(leaves[i], x)  # only Variables: raw arrays take the rebuilding path
         out_nodes = [walk.nodes[r] for r in info.out_refs]
     else:
         existing = {j: walk.nodes[i] for j, i in info.map}
@@ -388,32 +399,3 @@ def apply_outputs(inputs: Inputs, info: Info, values: Sequence[Any], out_other: 
     for p, n in zip(info.out_pos, out_nodes):
         leaves[p] = n
     return jax.tree_util.tree_unflatten(info.out_treedef, leaves)
-
-
-def _set_array_leaf(walk: FlattenResult, index: int, value: Any) -> None:
-    """Writes a raw-array attribute (not a Variable) found at ``walk.paths[index]``."""
-    path = walk.paths[index]
-    holder = _root_nodes(walk)[path[0]]
-    for key in path[1:-1]:
-        holder = holder.__dict__[key] if isinstance(holder, Pytree) else holder[key]
-    key = path[-1]
-    if isinstance(holder, Pytree):
-        holder.__dict__[key] = value
-        st = holder.__dict__.get("_pytree__state")
-        if st is not None:
-            st.record(key, value)
-    elif isinstance(holder, (list, dict)):
-        holder[key] = value
-    else:  # a tuple or other immutable container: rebuild through its parent is not possible
-        raise TypeError(
-            f"Cannot propagate a new value for the array at {path!r}: it lives in an immutable "
-            f"{type(holder).__name__}. Store it in a Variable instead."
-        )
-
-
-def _root_nodes(walk: FlattenResult) -> list[Any]:
-    # The walk's root is the tuple of argument nodes; its REF/OBJ entries give their indices.
-    roots = []
-    for enc in walk.graphdef.root[1]:
-        roots.append(walk.nodes[enc[2] if enc[0] != REF else enc[1]])
-    return roots

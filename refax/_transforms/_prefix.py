@@ -191,12 +191,28 @@ def _leaf_value(prefix: Any, path: tuple, leaf: Any) -> Any:
     return prefix
 
 
+def shard_inside(x: Any, sharding: Any) -> Any:
+    """Lays ``x`` out with ``sharding`` inside a traced function, whatever the mesh's axis
+    types (a constraint for Auto axes, a reshard for Explicit ones)."""
+    if sharding is None or x is None:
+        return x
+    try:
+        return jax.lax.with_sharding_constraint(x, sharding)
+    except AssertionError:  # every mesh axis is Explicit: constraints only assert there
+        return jax.sharding.reshard(x, sharding)
+
+
 def constrain_outputs(out_shardings: Any, info: Any, values: list, out_other: list):
-    """Applies ``out_shardings`` (one sharding for everything) to the returned arrays."""
+    """Applies ``out_shardings`` (one sharding for all outputs) to the function's outputs:
+    the returned arrays and the state of objects created inside, never the updated state of
+    the inputs."""
     if isinstance(out_shardings, (jax.sharding.Sharding, jax.sharding.PartitionSpec)):
-        c = lambda x: jax.lax.with_sharding_constraint(x, out_shardings)  # noqa: E731
-        values = [c(x) if x is not None else x for x in values]
-        out_other = [c(x) if x is not None else x for x in out_other]
+        out_other = [shard_inside(x, out_shardings) for x in out_other]
+        if not info.unchanged:
+            values = [
+                shard_inside(x, out_shardings) if path[0] == 1 else x
+                for x, path in zip(values, info.paths)
+            ]
         return values, out_other
     raise NotImplementedError(
         "nnx.jit out_shardings supports one sharding for all outputs; for per-Variable "

@@ -91,6 +91,41 @@ def _wrap_opt_state(opt_state: Any, params: State) -> Any:
     return jax.tree.map(wrap, opt_state, is_leaf=lambda x: isinstance(x, State))
 
 
+def _only_wrt(grads: State, wrt: Any) -> State:
+    """The gradients of the optimised Variables (grads may cover more, e.g. all Params)."""
+    from refax._filters import to_predicate
+
+    pred = to_predicate(wrt)
+    flat = grads.flat_state()
+    if all(isinstance(v, Variable) for v in flat.leaves):
+        return grads.filter(wrt) if not all(pred(p, v) for p, v in flat) else grads
+    return grads
+
+
+def _check_grads(grads: Any, params: Any, wrt: Any) -> None:
+    """A clear error when the gradients do not fit the optimised state."""
+    g_paths = jax.tree_util.tree_flatten_with_path(grads)[0]
+    p_paths = jax.tree_util.tree_flatten_with_path(params)[0]
+    g_keys = {jax.tree_util.keystr(k): x for k, x in g_paths}
+    p_keys = {jax.tree_util.keystr(k): x for k, x in p_paths}
+    if g_keys.keys() != p_keys.keys():
+        missing = sorted(p_keys.keys() - g_keys.keys())[:3]
+        extra = sorted(g_keys.keys() - p_keys.keys())[:3]
+        raise ValueError(
+            f"Optimizer.update: the gradients do not match the optimised state (wrt={wrt!r}): "
+            f"missing {missing}, unexpected {extra}. Pass grads computed for the same model, "
+            "e.g. nnx.grad(loss_fn)(model)."
+        )
+    for key, p in p_keys.items():
+        g = g_keys[key]
+        if getattr(g, "shape", None) != getattr(p, "shape", None):
+            raise ValueError(
+                "Optimizer.update: the gradients do not match the optimised state: the gradient "
+                f"at {key} has shape {getattr(g, 'shape', None)} but the parameter has shape "
+                f"{getattr(p, 'shape', None)}."
+            )
+
+
 class Optimizer(Pytree):
     """An optax transformation applied to the Variables of a model matching ``wrt``.
 
@@ -126,19 +161,14 @@ class Optimizer(Pytree):
           **kwargs: extra arguments for optax (e.g. ``value``, ``grad``, ``value_fn``).
         """
         params = _state(model, self.wrt)
+        if isinstance(grads, State):
+            grads = _only_wrt(grads, self.wrt)
         raw_params = _pure(params)
         raw_grads = _pure(grads)
+        _check_grads(raw_grads, raw_params, self.wrt)
         opt_state = _pure(self.opt_state)
-        try:
-            updates, new_opt_state = self.tx.update(raw_grads, opt_state, raw_params, **kwargs)
-        except (ValueError, TypeError) as e:
-            if jax.tree.structure(raw_grads) != jax.tree.structure(raw_params):
-                raise ValueError(
-                    "Optimizer.update: the gradients do not match the optimised state "
-                    f"(wrt={self.wrt!r}); pass grads computed for the same model, e.g. "
-                    "nnx.grad(loss_fn)(model)."
-                ) from e
-            raise
+        kwargs = {k: _pure(v) if isinstance(v, (State, Variable)) else v for k, v in kwargs.items()}
+        updates, new_opt_state = self.tx.update(raw_grads, opt_state, raw_params, **kwargs)
         new_params = optax.apply_updates(raw_params, updates)
         _update(model, new_params)
         for var, value in zip(
