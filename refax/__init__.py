@@ -10,6 +10,7 @@ from refax import _statelib as statelib
 from refax import _variables as variablelib
 from refax import errors as errors
 from refax import nn as nn
+from refax import spmd as spmd
 from refax import typing as typing
 from refax._config import set_graph_mode as set_graph_mode
 from refax._config import set_graph_updates as set_graph_updates
@@ -172,6 +173,15 @@ from refax.nn import softplus as softplus
 from refax.nn import standardize as standardize
 from refax.nn import swish as swish
 from refax.nn import tanh as tanh
+from refax.spmd import abstract_with_sharding as abstract_with_sharding
+from refax.spmd import as_abstract as as_abstract
+from refax.spmd import get_abstract_model as get_abstract_model
+from refax.spmd import get_named_sharding as get_named_sharding
+from refax.spmd import get_partition_spec as get_partition_spec
+from refax.spmd import logical_axis_rules as logical_axis_rules
+from refax.spmd import use_eager_sharding as use_eager_sharding
+from refax.spmd import using_eager_sharding as using_eager_sharding
+from refax.spmd import with_partitioning as with_partitioning
 from refax.training import ModelAndOptimizer as ModelAndOptimizer
 from refax.training import OptArray as OptArray
 from refax.training import Optimizer as Optimizer

@@ -199,6 +199,10 @@ class Variable(Generic[A]):
         _set_meta(self, meta)
         _set_trace(self, current_trace())
         _set_frozen(self, None)
+        if "out_sharding" in meta:  # eager sharding; lazy import (refax.spmd imports us)
+            from refax.spmd import _shard_new_variable
+
+            _shard_new_variable(self, metadata)
 
     # -- construction helpers -------------------------------------------------------------
     @classmethod
