@@ -12,6 +12,7 @@ from refax import errors as errors
 from refax import nn as nn
 from refax import spmd as spmd
 from refax import typing as typing
+from refax._capture import capture as capture
 from refax._config import set_graph_mode as set_graph_mode
 from refax._config import set_graph_updates as set_graph_updates
 from refax._containers import Dict as Dict
@@ -91,12 +92,14 @@ from refax._transforms._misc import eval_shape as eval_shape
 from refax._transforms._misc import jit_partial as jit_partial
 from refax._transforms._misc import make_jaxpr as make_jaxpr
 from refax._transforms._misc import remat as remat
+from refax._transforms._pmap import pmap as pmap
 from refax._transforms._prefix import PARTITION_NAME as PARTITION_NAME
 from refax._transforms._prefix import Carry as Carry
 from refax._transforms._prefix import DiffState as DiffState
 from refax._transforms._prefix import StateAxes as StateAxes
 from refax._transforms._prefix import StateSharding as StateSharding
 from refax._transforms._scan import scan as scan
+from refax._transforms._shard_map import shard_map as shard_map
 from refax._transforms._split_rngs import fork_rngs as fork_rngs
 from refax._transforms._split_rngs import split_rngs as split_rngs
 from refax._transforms._split_rngs import with_rngs as with_rngs
@@ -115,6 +118,9 @@ from refax._variables import register_variable_name as register_variable_name
 from refax._variables import variable_name_from_type as variable_name_from_type
 from refax._variables import variable_type_from_name as variable_type_from_name
 from refax._variables import with_metadata as with_metadata
+from refax._view import view as view
+from refax._view import view_info as view_info
+from refax._view import with_attributes as with_attributes
 from refax.nn import RNN as RNN
 from refax.nn import BatchNorm as BatchNorm
 from refax.nn import Bidirectional as Bidirectional
@@ -125,6 +131,7 @@ from refax.nn import Einsum as Einsum
 from refax.nn import Embed as Embed
 from refax.nn import GroupNorm as GroupNorm
 from refax.nn import GRUCell as GRUCell
+from refax.nn import InstanceNorm as InstanceNorm
 from refax.nn import LayerNorm as LayerNorm
 from refax.nn import Linear as Linear
 from refax.nn import LinearGeneral as LinearGeneral
@@ -139,6 +146,8 @@ from refax.nn import RMSNorm as RMSNorm
 from refax.nn import RNNCellBase as RNNCellBase
 from refax.nn import Sequential as Sequential
 from refax.nn import SimpleCell as SimpleCell
+from refax.nn import SpectralNorm as SpectralNorm
+from refax.nn import WeightNorm as WeightNorm
 from refax.nn import avg_pool as avg_pool
 from refax.nn import celu as celu
 from refax.nn import combine_masks as combine_masks

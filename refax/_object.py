@@ -65,6 +65,7 @@ __all__ = [
 M = TypeVar("M", bound="Module")
 _MISSING = object()
 _STATE_ATTR = "_pytree__state"
+_CAPTURES = "__captures__"  # set by refax.capture on every Module it runs (see _capture.py)
 
 
 class ObjectState:
@@ -460,11 +461,38 @@ class Module(Pytree):
         reduce_fn: Callable[[Any, Any], Any] = _tuple_reduce,
         init_fn: Callable[[], Any] = _tuple_init,
     ) -> bool:
-        """Stores ``value`` in a Variable attribute ``name`` (collecting calls with reduce_fn)."""
+        """Records ``value`` under ``name``, folding repeated calls with ``reduce_fn``.
+
+        Inside :func:`refax.capture` the value goes to the capture's collection for
+        ``variable_type`` (returned by ``capture``); when that type is not being captured
+        the call does nothing and returns False. Outside ``capture`` the value is stored in a
+        Variable attribute ``name`` of this Module (created on the first call).
+
+        Args:
+          variable_type: the Variable type (or its registered name) of the record, usually
+            :class:`Intermediate`.
+          name: the key of the record.
+          value: the value to record.
+          reduce_fn: ``reduce_fn(previous, value)`` gives the new record (default: append to
+            a tuple).
+          init_fn: gives the ``previous`` of the first call (default: an empty tuple).
+
+        Returns:
+          True if the value was recorded.
+        """
         if isinstance(variable_type, str):
             from refax._variables import variable_type_from_name
 
             variable_type = variable_type_from_name(variable_type, allow_register=True)
+        captures = self.__dict__.get(_CAPTURES)
+        if captures is not None:
+            for var in captures:
+                if type(var) is variable_type:
+                    records = var.get_value()
+                    previous = records[name] if name in records else init_fn()
+                    var.set_value({**records, name: reduce_fn(previous, value)})
+                    return True
+            return False
         existing = self.__dict__.get(name, _MISSING)
         if existing is _MISSING:
             setattr(self, name, variable_type(reduce_fn(init_fn(), value)))
@@ -477,15 +505,51 @@ class Module(Pytree):
             )
         return True
 
-    def perturb(self, name: str, value: Any, variable_type: type[Variable] = Perturbation) -> Any:
-        """Adds a zero Variable ``name`` to ``value`` so gradients w.r.t. it can be taken."""
+    def perturb(
+        self, name: str, value: Any, variable_type: type[Variable] | str = Perturbation
+    ) -> Any:
+        """Returns ``value`` plus a perturbation ``name`` (zeros at first) to take gradients at.
+
+        Inside :func:`refax.capture` the perturbation comes from the capture's collection for
+        ``variable_type`` (its ``init=`` State, or zeros recorded on the first call); when
+        that type is not being captured, ``value`` is returned unchanged. Outside ``capture``
+        it is a Variable attribute ``name`` of this Module. Gradients with respect to the
+        perturbation are gradients with respect to the intermediate ``value``.
+
+        Args:
+          name: the key of the perturbation.
+          value: the intermediate value (an array or pytree of arrays).
+          variable_type: the Variable type (or its registered name) of the perturbation.
+
+        Returns:
+          ``value + perturbation``: use it in place of ``value``.
+        """
         import jax.numpy as jnp
 
+        if isinstance(variable_type, str):
+            from refax._variables import variable_type_from_name
+
+            variable_type = variable_type_from_name(variable_type, allow_register=True)
+        captures = self.__dict__.get(_CAPTURES)
+        if captures is not None:
+            for var in captures:
+                if type(var) is variable_type:
+                    records = var.get_value()
+                    if name not in records:
+                        records = {**records, name: jax.tree.map(jnp.zeros_like, value)}
+                        var.set_value(records)
+                    return jax.tree.map(jnp.add, records[name], value)
+            return value
         existing = self.__dict__.get(name, _MISSING)
         if existing is _MISSING:
-            setattr(self, name, variable_type(jnp.zeros_like(value)))
+            setattr(self, name, variable_type(jax.tree.map(jnp.zeros_like, value)))
             existing = self.__dict__[name]
-        return value + existing.get_value()
+        elif not isinstance(existing, variable_type):
+            raise ValueError(
+                f"Cannot perturb {type(self).__name__}.{name}: it holds a "
+                f"{type(existing).__name__}, expected {variable_type.__name__}."
+            )
+        return jax.tree.map(jnp.add, existing.get_value(), value)
 
     def iter_modules(self) -> Iterator[tuple[tuple, Module]]:
         """Yields ``(path, module)`` for every Module reachable from this one, root first."""

@@ -22,6 +22,7 @@ from refax._graph._flatten import (
     merge_dicts,
     unflatten,
 )
+from refax._graph._flatten import _sorted as _sorted_keys
 from refax._graph._graphdef import GraphDef
 from refax._graph._plan import _Mismatch, run_plan
 from refax._object import Module, Pytree
@@ -319,13 +320,9 @@ def pop(node: Any, *filters: Any) -> Any:
 def _children(node: Any) -> list[tuple[Any, Any]]:
     if isinstance(node, Pytree):
         d = node.__dict__
-        return [(k, d[k]) for k in sorted(d) if k != _STATE_ATTR]
+        return [(k, d[k]) for k in _sorted_keys([k for k in d if k != _STATE_ATTR])]
     if isinstance(node, dict):
-        try:
-            keys = sorted(node)
-        except TypeError:
-            keys = list(node)
-        return [(k, node[k]) for k in keys]
+        return [(k, node[k]) for k in _sorted_keys(list(node))]
     if isinstance(node, (list, tuple)):
         return list(enumerate(node))
     return []

@@ -30,6 +30,7 @@ from typing import Any
 
 import jax
 
+from refax._object import Pytree
 from refax._statelib import State
 from refax._transforms._jit import check_not_bound_method
 from refax._transforms._lift import (
@@ -45,6 +46,8 @@ from refax._variables import Param, Variable
 
 __all__ = ["grad", "value_and_grad"]
 
+_DEFAULT = object()  # the filter of a plain int argnum: Param on objects, all in containers
+
 
 def _specs(argnums: int | DiffState | Sequence[int | DiffState]) -> tuple[tuple, bool]:
     """Normalises ``argnums`` to ((argnum, filter), ...) and whether a single one was given."""
@@ -55,7 +58,7 @@ def _specs(argnums: int | DiffState | Sequence[int | DiffState]) -> tuple[tuple,
         if isinstance(a, DiffState):
             specs.append((a.argnum, a.filter))
         elif isinstance(a, int):
-            specs.append((a, Param))
+            specs.append((a, _DEFAULT))
         else:
             raise TypeError(
                 f"argnums entries must be ints or nnx.DiffState, got {type(a).__name__}."
@@ -88,12 +91,19 @@ def _differentiate(
         inputs = split_inputs(args, kwargs)
         owners = arg_owners(inputs, args, kwargs)
         walk = inputs.walk
-        preds = {a: to_predicate(f) for a, f in specs_n}
-        # which state leaves and which plain leaves are differentiated (and for which argnum)
+        # int argnums differentiate an object's Params, but every Variable of a plain
+        # container (a State or dict of Variables), as the reference does
+        preds = {a: (f if f is _DEFAULT else to_predicate(f)) for a, f in specs_n}
+        params = to_predicate(Param)
+        # which state leaves and which plain leaves are differentiated (and for which argnum);
+        # a plain int argnum differentiates an object's Params, and a Variable that is not
+        # inside an object (e.g. in a State or dict of Variables) whatever its type
         leaf_arg: list[int | None] = []
         for leaf, path in zip(walk.leaves, walk.paths):
             owner = owners[inputs.node_pos[path[0]]]
             pred = preds.get(owner)
+            if pred is _DEFAULT:
+                pred = params if isinstance(inputs.nodes[path[0]], Pytree) else _everything
             leaf_arg.append(owner if pred is not None and pred(path[1:], leaf) else None)
         other_arg = [
             owners[i] if owners[i] in preds and x is not None else None
@@ -138,6 +148,10 @@ def _differentiate(
         return (grads, aux) if has_aux else grads
 
     return wrapper
+
+
+def _everything(path: tuple, leaf: Any) -> bool:
+    return True
 
 
 def _value_and_grad(pure: Callable, holomorphic: bool, allow_int: bool) -> Callable:

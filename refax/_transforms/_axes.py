@@ -5,67 +5,117 @@ the consistent-aliasing check.
 an int, ``None`` or a :class:`StateAxes`. Every state leaf then gets one axis. An object reached
 through several arguments (or as input and output) must get the same axis everywhere, else
 ``Inconsistent aliasing detected.`` lists each occurrence.
+
+``shard_map`` uses the same machinery with PartitionSpecs in place of axes (an object takes a
+``PartitionSpec``, ``None`` or a :class:`StateSharding`); the prefix kind is chosen by the
+``is_leaf`` predicate (:func:`is_axis_leaf` or :func:`is_spec_leaf`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
+from jax.sharding import PartitionSpec
 
 from refax._graph._flatten import flatten
 from refax._transforms._lift import is_node
-from refax._transforms._prefix import StateAxes, _CarryType
+from refax._transforms._prefix import StateAxes, StateSharding, _CarryType, _FilterMap
 from refax._variables import Variable
 
 
-def _is_axis_leaf(x: Any) -> bool:
+def is_axis_leaf(x: Any) -> bool:
+    """A leaf of an axes prefix (vmap/pmap/scan): an int, None, StateAxes or Carry."""
     return x is None or isinstance(x, (int, StateAxes, _CarryType))
 
 
-def broadcast_prefix(prefix: Any, tree: Any, what: str) -> list[Any]:
-    """One prefix value per leaf of ``tree`` (objects are leaves), like JAX's axis prefixes."""
-    if _is_axis_leaf(prefix):
-        return [prefix] * len(jax.tree_util.tree_leaves(tree, is_leaf=is_node))
+def is_spec_leaf(x: Any) -> bool:
+    """A leaf of a specs prefix (shard_map): a PartitionSpec, None or StateSharding."""
+    return x is None or isinstance(x, (PartitionSpec, StateSharding))
+
+
+_is_axis_leaf = is_axis_leaf
+
+_KINDS = {
+    is_axis_leaf: "an int, None or nnx.StateAxes",
+    is_spec_leaf: "a PartitionSpec, None or nnx.StateSharding",
+}
+
+
+def broadcast_prefix(
+    prefix: Any, tree: Any, what: str, is_leaf: Callable[[Any], bool] = is_axis_leaf
+) -> list[Any]:
+    """One prefix value per leaf of ``tree`` (objects are leaves), like JAX's axis prefixes.
+
+    Raises:
+      ValueError: when the prefix does not fit the tree, or when a ``StateAxes`` /
+        ``StateSharding`` is used on something other than an object.
+    """
+    if is_leaf(prefix):
+        leaves = jax.tree_util.tree_leaves(tree, is_leaf=is_node)
+        if isinstance(prefix, _FilterMap) and not is_node(tree) and leaves:
+            raise ValueError(
+                f"{what}: nnx.{type(prefix).__name__} can only be used directly on an object "
+                f"(Module, Variable, ...), not as the prefix of a {type(tree).__name__}. Give "
+                "each object in the container its own entry."
+            )
+        return [prefix] * len(leaves)
     if is_node(tree):
         raise ValueError(
-            f"{what}: an object can only take an int, None or nnx.StateAxes as its prefix, got "
-            f"{type(prefix).__name__}."
+            f"{what}: an object can only take {_KINDS.get(is_leaf, 'a leaf')} as its prefix, "
+            f"got {type(prefix).__name__}."
         )
     if isinstance(prefix, (tuple, list)) and isinstance(tree, (tuple, list)):
         if len(prefix) != len(tree):
             raise ValueError(
                 f"{what} has {len(prefix)} entries but the value it describes has {len(tree)}."
             )
-        return [p for a, t in zip(prefix, tree) for p in broadcast_prefix(a, t, what)]
+        return [p for a, t in zip(prefix, tree) for p in broadcast_prefix(a, t, what, is_leaf)]
     if isinstance(prefix, dict) and isinstance(tree, dict):
-        return [p for k in sorted(tree) for p in broadcast_prefix(prefix[k], tree[k], what)]
+        if set(prefix) != set(tree):
+            raise ValueError(
+                f"{what}: the dict prefix has keys {sorted(map(str, prefix))} but the value it "
+                f"describes has keys {sorted(map(str, tree))}."
+            )
+        return [
+            p for k in sorted(tree) for p in broadcast_prefix(prefix[k], tree[k], what, is_leaf)
+        ]
     raise ValueError(
         f"{what}: cannot use a {type(prefix).__name__} as a prefix of a {type(tree).__name__}."
     )
 
 
-def args_prefixes(in_axes: Any, args: tuple, kwargs: dict) -> list[Any]:
-    """The prefix of every flat leaf of ``(args, kwargs)`` (keyword arguments use axis 0)."""
+def args_prefixes(
+    in_axes: Any,
+    args: tuple,
+    kwargs: dict,
+    *,
+    is_leaf: Callable[[Any], bool] = is_axis_leaf,
+    what: str = "in_axes",
+    kwargs_prefix: Any = 0,
+) -> list[Any]:
+    """The prefix of every flat leaf of ``(args, kwargs)`` (keyword arguments use
+    ``kwargs_prefix``, axis 0 like ``jax.vmap``)."""
     if isinstance(in_axes, list):
         in_axes = tuple(in_axes)
-    if isinstance(in_axes, tuple) and not isinstance(in_axes, StateAxes):
+    if isinstance(in_axes, tuple):
         if len(in_axes) != len(args):
             raise ValueError(
-                f"in_axes has {len(in_axes)} entries but the function got {len(args)} "
+                f"{what} has {len(in_axes)} entries but the function got {len(args)} "
                 "positional arguments."
             )
-        out = broadcast_prefix(in_axes, args, "in_axes")
-    else:
-        out = broadcast_prefix(in_axes, args, "in_axes")
+        out = broadcast_prefix(in_axes, args, what, is_leaf)
+    else:  # one prefix for every argument (applied to each, so a StateAxes fits objects)
+        out = [p for a in args for p in broadcast_prefix(in_axes, a, what, is_leaf)]
     for k in sorted(kwargs):
-        out += broadcast_prefix(0, kwargs[k], "in_axes")
+        out += broadcast_prefix(kwargs_prefix, kwargs[k], what, is_leaf)
     return out
 
 
 def leaf_axis(prefix: Any, path: tuple, leaf: Any) -> Any:
-    """The axis of one state leaf of an object whose prefix is ``prefix``."""
-    if isinstance(prefix, StateAxes):
+    """The axis (or spec) of one state leaf of an object whose prefix is ``prefix``."""
+    if isinstance(prefix, _FilterMap):
         return prefix.lookup(path, leaf)
     return prefix
 

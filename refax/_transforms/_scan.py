@@ -14,7 +14,7 @@ Example (scan over a stack of layers):
   >>> @nnx.vmap
   ... def make(rngs):
   ...   return nnx.Linear(3, 3, rngs=rngs)
-  >>> layers = make(nnx.Rngs(0).fork(split=4))
+  >>> layers = make(nnx.Rngs(0).split(4))
   >>> @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
   ... def forward(layer, x):
   ...   return jnp.tanh(layer(x))
@@ -31,7 +31,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from refax._transforms._axes import args_prefixes, broadcast_prefix, check_input_aliasing, leaf_axis
+from refax._transforms._axes import (
+    AliasChecker,
+    args_prefixes,
+    broadcast_prefix,
+    check_input_aliasing,
+    leaf_axis,
+)
 from refax._transforms._jit import check_not_bound_method
 from refax._transforms._lift import (
     Static,
@@ -170,7 +176,7 @@ class ScanWrapped:
 
     def _step(self, static: Static, values: list, other: list):
         graphdef, _, _, extra = static.value
-        value_axes, _node_prefixes = extra
+        value_axes, node_prefixes = extra
         args, kwargs, nodes, built = rebuild_inputs(static.value, values, other)
         name = self.partition_name
         if name is not None:
@@ -198,6 +204,13 @@ class ScanWrapped:
             )
         out_leaves = jax.tree_util.tree_leaves(out, is_leaf=is_node)
         prefixes = broadcast_prefix(self.out_axes, out, "out_axes")
+        node_out = [(x, a) for x, a in zip(out_leaves, prefixes) if is_node(x)]
+        if node_out:  # an input object returned must keep its axes
+            checker = AliasChecker()
+            for node, prefix in zip(nodes, node_prefixes):
+                checker.add(node, prefix)
+            for node, prefix in node_out:
+                checker.add(node, prefix)
         axes = []
         for x, a in zip(out_leaves, prefixes):
             if is_node(x):

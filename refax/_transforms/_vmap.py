@@ -6,9 +6,10 @@ stacked (vectorised initialisation); updates to the inputs' Variables and to the
 propagate out. ``transform_metadata={nnx.PARTITION_NAME: name}`` removes the mapped axis from
 the Variables' sharding names inside and inserts ``name`` at the output axis outside.
 
-Because the output structure (and so ``out_axes`` for the state leaves) is only known after
-tracing, a call first traces abstractly (``jax.eval_shape``) to learn it, then runs
-``jax.vmap`` with the right axes.
+The function is traced once. The output axes of the state leaves are only known once it has
+run (objects may be created, returned or restructured inside), so the pure function fills the
+lists passed to ``jax.vmap`` as ``out_axes``, which ``jax.vmap`` flattens only after tracing.
+:class:`MappedWrapped` holds the machinery shared with ``nnx.pmap`` and ``nnx.shard_map``.
 
 Example:
   >>> import jax, jax.numpy as jnp
@@ -19,6 +20,9 @@ Example:
   >>> weights = nnx.vmap(Weights)(jnp.arange(4))
   >>> weights.kernel.shape
   (4, 2, 3)
+  >>> y = nnx.vmap(lambda w, x: x @ w.kernel, in_axes=(0, None), out_axes=1)(weights, jnp.ones(2))
+  >>> y.shape
+  (3, 4)
 """
 
 from __future__ import annotations
@@ -34,10 +38,13 @@ from refax._transforms._axes import (
     args_prefixes,
     broadcast_prefix,
     check_input_aliasing,
+    is_axis_leaf,
     leaf_axis,
 )
 from refax._transforms._jit import check_not_bound_method
 from refax._transforms._lift import (
+    Info,
+    Inputs,
     Static,
     apply_outputs,
     collect_outputs,
@@ -47,7 +54,7 @@ from refax._transforms._lift import (
 )
 from refax._variables import Variable
 
-__all__ = ["vmap"]
+__all__ = ["vmap", "VmapWrapped", "MappedWrapped"]
 
 _SHARDING_KEY = "out_sharding"
 
@@ -61,7 +68,8 @@ def _partition_name(transform_metadata: Mapping[str, Any]) -> Any:
 def _remove_axis(var: Variable, axis: int) -> None:
     names = var._var_metadata.get(_SHARDING_KEY)
     if isinstance(names, tuple) and -len(names) <= axis < len(names):
-        names = names[:axis] + names[axis + 1 :] if axis >= 0 else names
+        axis %= len(names)
+        names = names[:axis] + names[axis + 1 :]
         var._var_metadata = {**var._var_metadata, _SHARDING_KEY: names}
         var._frozen = None
 
@@ -75,59 +83,90 @@ def _insert_axis(var: Variable, axis: int, name: Any) -> None:
         var._frozen = None
 
 
-class VmapWrapped:
-    """The callable returned by :func:`vmap`."""
+class MappedWrapped:
+    """Shared machinery of the mapping transforms (vmap, pmap, shard_map).
 
-    def __init__(
-        self,
-        fun: Callable[..., Any],
-        *,
-        in_axes: Any = 0,
-        out_axes: Any = 0,
-        axis_name: Any = None,
-        axis_size: int | None = None,
-        spmd_axis_name: Any = None,
-        transform_metadata: Mapping[str, Any] | None = None,
-    ):
-        check_not_bound_method(fun, "vmap")
-        functools.update_wrapper(self, fun)
-        self.fun = fun
-        self.in_axes = in_axes
-        self.out_axes = out_axes
-        self.axis_name = axis_name
-        self.axis_size = axis_size
-        self.spmd_axis_name = spmd_axis_name
-        self.partition_name = _partition_name(dict(transform_metadata or {}))
+    Each state leaf of the argument objects and each other argument leaf gets an axis (or a
+    PartitionSpec for shard_map) from the ``in_prefix`` prefix; after the user function ran,
+    each returned leaf gets one from ``out_prefix`` (state of input objects keeps its input
+    axis; an object both passed in and returned must get the same axis in both).
+    """
+
+    _transform = "vmap"
+    _in_what, _out_what = "in_axes", "out_axes"
+    _is_leaf: Callable[[Any], bool] = staticmethod(is_axis_leaf)
+    _every_input = True  # return every input state leaf (not only the changed ones)
+
+    fun: Callable[..., Any]
+    in_prefix: Any
+    out_prefix: Any
+    partition_name: Any = None
 
     def __get__(self, obj: Any, objtype: Any = None) -> Any:
         if obj is None:
             return self
         return functools.partial(self, obj)
 
+    # -- outside ---------------------------------------------------------------------------
+    def _prepare(
+        self, args: tuple, kwargs: dict, in_prefix: Any, extra: Any = ()
+    ) -> tuple[Inputs, tuple, list, Static]:
+        """Splits the arguments; returns (inputs, value_axes, other_axes, static)."""
+        inputs = split_inputs(args, kwargs)
+        prefixes = args_prefixes(in_prefix, args, kwargs, is_leaf=self._is_leaf, what=self._in_what)
+        node_prefixes = [prefixes[p] for p in inputs.node_pos]
+        check_input_aliasing(inputs, node_prefixes)
+        walk = inputs.walk
+        value_axes = tuple(
+            leaf_axis(node_prefixes[path[0]], path[1:], leaf)
+            for leaf, path in zip(walk.leaves, walk.paths)
+        )
+        other_axes = [None if x is None else a for x, a in zip(inputs.other, prefixes)]
+        static = Static(
+            (
+                inputs.graphdef,
+                inputs.treedef,
+                inputs.node_pos,
+                (value_axes, tuple(node_prefixes), extra),
+            )
+        )
+        return inputs, value_axes, other_axes, static
+
+    def _call_fun(self, args: tuple, kwargs: dict, extra: Any) -> Any:
+        return self.fun(*args, **kwargs)
+
     # -- inside ----------------------------------------------------------------------------
-    def _pure(self, cells: tuple[list, list], static: Static, values: list, other: list):
+    def _trace(
+        self, static: Static, values: list, other: list
+    ) -> tuple[Info, list, list, list, list]:
+        """Runs the user function on rebuilt objects.
+
+        Returns ``(info, new_values, out_other, value_out_axes, other_out_axes)``: the axis of
+        every returned state value and of every other output leaf (None where a node stood).
+        """
         graphdef, _, _, extra = static.value
-        value_axes, node_prefixes = extra
+        value_axes, node_prefixes, call_extra = extra
         args, kwargs, nodes, built = rebuild_inputs(static.value, values, other)
         name = self.partition_name
         if name is not None:
             for leaf_var, axis in zip(_leaf_variables(nodes), value_axes):
                 if isinstance(leaf_var, Variable) and isinstance(axis, int):
                     _remove_axis(leaf_var, axis)
-        out = self.fun(*args, **kwargs)
+        out = self._call_fun(args, kwargs, call_extra)
 
         out_leaves = jax.tree_util.tree_leaves(out, is_leaf=is_node)
-        out_prefixes = broadcast_prefix(self.out_axes, out, "out_axes")
+        out_prefixes = broadcast_prefix(self.out_prefix, out, self._out_what, self._is_leaf)
         node_out = [p for p, x in zip(out_prefixes, out_leaves) if is_node(x)]
         out_nodes = [x for x in out_leaves if is_node(x)]
-        # an input object returned as an output must keep its axes
-        inner_index = {id(n): i for i, n in enumerate(nodes)}
-        if any(id(n) in inner_index for n in out_nodes):
+        # an input object (or an object reachable from one) returned as an output must keep
+        # its axes
+        reachable = {id(n) for n in built}
+        if any(id(n) in reachable for n in out_nodes):
             checker = AliasChecker()
             for node, prefix in zip(nodes, node_prefixes):
                 checker.add(node, prefix)
             for node, prefix in zip(out_nodes, node_out):
-                if id(node) in inner_index:
+                if id(node) in reachable:
                     checker.add(node, prefix)
 
         def leaf_axes(joint: Any) -> list[Any]:
@@ -148,30 +187,51 @@ class VmapWrapped:
             nodes,
             built,
             out,
-            every_input=True,
+            every_input=self._every_input,
             before_walk=before if name is not None else None,
             annotate=leaf_axes,
         )
-        value_cell, other_cell = cells
-        value_cell[:] = list(value_axes) if info.unchanged else list(info.annotation)
-        other_cell[:] = [None if i in info.out_pos else a for i, a in enumerate(out_prefixes)]
+        if info.unchanged:
+            value_out = [value_axes[i] for i in info.changed]
+        else:
+            value_out = list(info.annotation)
+        node_slots = set(info.out_pos)
+        other_out = [None if i in node_slots else a for i, a in enumerate(out_prefixes)]
+        return info, new_values, out_other, value_out, other_out
+
+
+class VmapWrapped(MappedWrapped):
+    """The callable returned by :func:`vmap`."""
+
+    def __init__(
+        self,
+        fun: Callable[..., Any],
+        *,
+        in_axes: Any = 0,
+        out_axes: Any = 0,
+        axis_name: Any = None,
+        axis_size: int | None = None,
+        spmd_axis_name: Any = None,
+        transform_metadata: Mapping[str, Any] | None = None,
+    ):
+        check_not_bound_method(fun, "vmap")
+        functools.update_wrapper(self, fun)
+        self.fun = fun
+        self.in_axes = self.in_prefix = in_axes
+        self.out_axes = self.out_prefix = out_axes
+        self.axis_name = axis_name
+        self.axis_size = axis_size
+        self.spmd_axis_name = spmd_axis_name
+        self.partition_name = _partition_name(dict(transform_metadata or {}))
+
+    def _pure(self, cells: tuple[list, list], static: Static, values: list, other: list):
+        info, new_values, out_other, value_out, other_out = self._trace(static, values, other)
+        cells[0][:] = value_out
+        cells[1][:] = other_out
         return Static(info), new_values, out_other
 
-    # -- outside ---------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        inputs = split_inputs(args, kwargs)
-        prefixes = args_prefixes(self.in_axes, args, kwargs)
-        node_prefixes = [prefixes[p] for p in inputs.node_pos]
-        check_input_aliasing(inputs, node_prefixes)
-        walk = inputs.walk
-        value_axes = tuple(
-            leaf_axis(node_prefixes[path[0]], path[1:], leaf)
-            for leaf, path in zip(walk.leaves, walk.paths)
-        )
-        other_axes = [None if x is None else a for x, a in zip(inputs.other, prefixes)]
-        static = Static(
-            (inputs.graphdef, inputs.treedef, inputs.node_pos, (value_axes, tuple(node_prefixes)))
-        )
+        inputs, value_axes, other_axes, static = self._prepare(args, kwargs, self.in_axes)
         vmap_kwargs: dict[str, Any] = dict(axis_name=self.axis_name, axis_size=self.axis_size)
         if self.spmd_axis_name is not None:
             vmap_kwargs["spmd_axis_name"] = self.spmd_axis_name
@@ -206,7 +266,19 @@ def vmap(
     graph: bool | None = None,
     graph_updates: bool | None = None,
 ) -> Any:
-    """Lifted ``jax.vmap``: objects in arguments and outputs, ``StateAxes`` prefixes."""
+    """Lifted ``jax.vmap``: objects in arguments and outputs, ``StateAxes`` prefixes.
+
+    Args:
+      f: the function (or method, decorated in the class body); ``@nnx.vmap`` and
+        ``@nnx.vmap(...)`` both work.
+      in_axes: prefix of the positional arguments: an int, ``None`` (broadcast) or, for an
+        object, a :class:`StateAxes`. Keyword arguments are mapped over axis 0.
+      out_axes: prefix of the output; objects created inside are stacked on their axis.
+      axis_name, axis_size, spmd_axis_name: as for ``jax.vmap``.
+      transform_metadata: ``{nnx.PARTITION_NAME: name}`` keeps Variables' sharding names in
+        step with the mapped axis.
+      graph, graph_updates: accepted for API compatibility (graph mode, updates propagate).
+    """
     kwargs = dict(
         in_axes=in_axes,
         out_axes=out_axes,

@@ -69,8 +69,11 @@ from refax.nn.lora import LoRALinear as LoRALinear
 from refax.nn.lora import LoRAParam as LoRAParam
 from refax.nn.normalization import BatchNorm as BatchNorm
 from refax.nn.normalization import GroupNorm as GroupNorm
+from refax.nn.normalization import InstanceNorm as InstanceNorm
 from refax.nn.normalization import LayerNorm as LayerNorm
 from refax.nn.normalization import RMSNorm as RMSNorm
+from refax.nn.normalization import SpectralNorm as SpectralNorm
+from refax.nn.normalization import WeightNorm as WeightNorm
 from refax.nn.pooling import avg_pool as avg_pool
 from refax.nn.pooling import max_pool as max_pool
 from refax.nn.pooling import min_pool as min_pool

@@ -815,6 +815,13 @@ class MultiHeadAttention(Module):
         When switching to ``decode=True`` without a cache and both ``batch_size`` and
         ``max_length`` are given, a cache is allocated (dtype ``self.dtype``, default float32);
         otherwise call :meth:`init_cache` before decoding.
+
+        Args:
+          deterministic: True disables attention dropout (evaluation), False enables it.
+          decode: True switches to autoregressive decoding with the key/value cache.
+          batch_size: batch shape of the cache allocated when switching to ``decode=True``.
+          max_length: sequence length of the cache allocated when switching to
+            ``decode=True``.
         """
         if deterministic is not None:
             self.deterministic = deterministic

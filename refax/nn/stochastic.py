@@ -152,6 +152,11 @@ class Dropout(Module):
         )
 
     def set_view(self, deterministic: bool | None = None) -> None:
-        """Hook used by ``nnx.view``: sets ``deterministic`` when given."""
+        """Hook used by ``nnx.view``: sets ``deterministic`` when given.
+
+        Args:
+          deterministic: True: return the inputs unchanged (evaluation); False: drop entries
+            (training).
+        """
         if deterministic is not None:
             self.deterministic = deterministic

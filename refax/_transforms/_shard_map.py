@@ -1,0 +1,143 @@
+"""``nnx.shard_map``: ``jax.shard_map`` over functions that take and return refax objects.
+
+``in_specs``/``out_specs`` are pytree prefixes of the arguments/outputs, as for
+``jax.shard_map``; an object takes a ``PartitionSpec`` (for all its Variables), ``None``
+(replicated) or a :class:`StateSharding` mapping filters to specs. Inside, every Variable
+holds its per-shard block; Variable updates (and structural changes) propagate out, each
+updated Variable coming back with the spec it went in with. Objects created inside are
+assembled from their blocks according to ``out_specs``.
+
+The function is traced once: ``jax.shard_map`` reads ``out_specs`` after tracing, so the pure
+function fills in the specs of the returned state (known only then) before JAX reads them.
+
+Example (a one-device mesh):
+  >>> import jax, jax.numpy as jnp
+  >>> from jax.sharding import Mesh, PartitionSpec as P
+  >>> from refax import nnx
+  >>> from refax._transforms._shard_map import shard_map  # also nnx.shard_map
+  >>> mesh = Mesh(jax.devices()[:1], ('x',))
+  >>> model = nnx.Linear(2, 4, rngs=nnx.Rngs(0))
+  >>> specs = nnx.StateSharding({nnx.PathContains('kernel'): P(None, 'x'), ...: P('x')})
+  >>> @shard_map(mesh=mesh, in_specs=(specs, P()), out_specs=P(None, 'x'))
+  ... def forward(model, x):
+  ...   model.bias.value = model.bias.value + 1.0
+  ...   return model(x)
+  >>> forward(model, jnp.ones((3, 2))).shape
+  (3, 4)
+  >>> model.bias.value
+  Array([1., 1., 1., 1.], dtype=float32)
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+from jax.sharding import PartitionSpec
+
+from refax._transforms._axes import is_spec_leaf
+from refax._transforms._jit import check_not_bound_method
+from refax._transforms._lift import Static, apply_outputs
+from refax._transforms._vmap import MappedWrapped
+
+__all__ = ["shard_map", "ShardMapWrapped"]
+
+_REPLICATED = PartitionSpec()
+
+
+def _state_spec(spec: Any) -> Any:
+    """State always travels through shard_map: ``None`` means replicated."""
+    return _REPLICATED if spec is None else spec
+
+
+class ShardMapWrapped(MappedWrapped):
+    """The callable returned by :func:`shard_map`."""
+
+    _transform = "shard_map"
+    _in_what, _out_what = "in_specs", "out_specs"
+    _is_leaf = staticmethod(is_spec_leaf)
+    _every_input = False  # only changed state comes back
+
+    def __init__(
+        self,
+        fun: Callable[..., Any],
+        *,
+        mesh: Any,
+        in_specs: Any,
+        out_specs: Any,
+        axis_names: Any = frozenset(),
+        check_vma: bool = True,
+    ):
+        check_not_bound_method(fun, "shard_map")
+        functools.update_wrapper(self, fun)
+        self.fun = fun
+        self.mesh = mesh
+        self.in_specs = self.in_prefix = in_specs
+        self.out_specs = self.out_prefix = out_specs
+        self.axis_names = frozenset(axis_names)
+        self.check_vma = check_vma
+
+    def _pure(self, cells: tuple[list, list], static: Static, values: list, other: list):
+        info, new_values, out_other, value_out, other_out = self._trace(static, values, other)
+        cells[0][:] = [_state_spec(s) for s in value_out]
+        cells[1][:] = other_out
+        return Static(info), new_values, out_other
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs:
+            raise TypeError(
+                "nnx.shard_map: pass the arguments positionally (in_specs describes the "
+                f"positional arguments); got keyword arguments {sorted(kwargs)}."
+            )
+        inputs, value_specs, other_specs, static = self._prepare(args, {}, self.in_specs)
+        # the specs of the returned leaves are known once the function is traced: the pure
+        # function fills these lists, which jax.shard_map reads after tracing.
+        cells: tuple[list, list] = ([], [])
+        run = jax.shard_map(
+            functools.partial(self._pure, cells),
+            mesh=self.mesh,
+            in_specs=(_REPLICATED, [_state_spec(s) for s in value_specs], other_specs),
+            out_specs=(_REPLICATED, cells[0], cells[1]),
+            axis_names=self.axis_names,
+            check_vma=self.check_vma,
+        )
+        info, values, out_other = run(static, inputs.values, inputs.other)
+        return apply_outputs(inputs, info.value, values, out_other)
+
+
+def shard_map(
+    f: Callable[..., Any] | None = None,
+    *,
+    mesh: Any,
+    in_specs: Any,
+    out_specs: Any,
+    axis_names: Any = frozenset(),
+    check_vma: bool = True,
+    graph: bool | None = None,
+    graph_updates: bool | None = None,
+) -> Any:
+    """Lifted ``jax.shard_map``: objects in arguments and outputs, ``StateSharding`` prefixes.
+
+    Args:
+      f: the function (``@nnx.shard_map(mesh=..., ...)`` as a decorator, or called directly).
+      mesh: the ``jax.sharding.Mesh`` (or ``AbstractMesh``) to map over.
+      in_specs: prefix of the positional arguments; an object takes a ``PartitionSpec``,
+        ``None`` (replicated) or a :class:`StateSharding`.
+      out_specs: prefix of the output, likewise (objects created inside are assembled from
+        their per-shard blocks).
+      axis_names: the mesh axes the function is manual over (default: all).
+      check_vma: as for ``jax.shard_map`` (check that replicated outputs do not vary).
+      graph, graph_updates: accepted for API compatibility (graph mode, updates propagate).
+    """
+    kwargs = dict(
+        mesh=mesh,
+        in_specs=in_specs,
+        out_specs=out_specs,
+        axis_names=axis_names,
+        check_vma=check_vma,
+    )
+    if f is None:
+        return lambda fn: ShardMapWrapped(fn, **kwargs)
+    return ShardMapWrapped(f, **kwargs)
