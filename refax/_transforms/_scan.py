@@ -146,8 +146,11 @@ class ScanWrapped:
                     "with nnx.Carry in both in_axes and out_axes."
                 )
             out_layout[:] = [info, out_axes]
-            new_carry = ([new_values[i] for i in v_carry], carry_out)
-            ys = ([new_values[i] for i in v_scan], ys_out)
+            # carried state always comes back (a scan carry has a fixed layout); scanned state
+            # only where it changed (unchanged layers are not restacked)
+            got = dict(zip(info.value.changed, new_values))
+            new_carry = ([got[i] for i in v_carry], carry_out)
+            ys = ([got[i] for i in v_scan if i in got], ys_out)
             return new_carry, ys
 
         init = ([values[i] for i in v_carry], [other[i] for i in o_carry])
@@ -159,11 +162,11 @@ class ScanWrapped:
             body, init, xs, length=self.length, reverse=self.reverse, unroll=self.unroll
         )
         info, out_axes = out_layout
-        new_values: list[Any] = [None] * n_values
-        for i, x in zip(v_carry, c_values):
-            new_values[i] = x
-        for i, x in zip(v_scan, s_values):
-            new_values[i] = _from_front(x, value_axes[i])
+        changed = info.value.changed
+        got: dict[int, Any] = dict(zip(v_carry, c_values))
+        changed_scan = [i for i in v_scan if i in set(changed)]
+        got.update((i, _from_front(x, value_axes[i])) for i, x in zip(changed_scan, s_values))
+        new_values = [got[i] for i in changed]
         ic, iy, ia = iter(c_other), iter(ys_out), iter(out_axes)
         out_other = []
         for i in range(info.value.out_treedef.num_leaves):
@@ -193,8 +196,9 @@ class ScanWrapped:
                         if not _is_carry(axis):
                             _insert_axis(leaf, axis, name)
 
+        carried = tuple(not (isinstance(a, int) and not _is_carry(a)) for a in value_axes)
         info, new_values, out_other = collect_outputs(
-            graphdef, values, nodes, built, out, every_input=True, before_walk=before
+            graphdef, values, nodes, built, out, every_input=carried, before_walk=before
         )
         if not info.unchanged:
             raise ValueError(

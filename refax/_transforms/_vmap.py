@@ -95,7 +95,7 @@ class MappedWrapped:
     _transform = "vmap"
     _in_what, _out_what = "in_axes", "out_axes"
     _is_leaf: Callable[[Any], bool] = staticmethod(is_axis_leaf)
-    _every_input = True  # return every input state leaf (not only the changed ones)
+    _every_input = False  # only changed state comes back (unchanged batched state: no copy)
 
     fun: Callable[..., Any]
     in_prefix: Any
