@@ -51,7 +51,10 @@ def _sub_dict(sub: Any) -> dict:
     raise _Mismatch
 
 
-def _compile(enc: tuple) -> Builder:
+_NO_STATE: dict = {}
+
+
+def _compile(enc: tuple, referenced: frozenset[int]) -> Builder:
     op = enc[0]
     if op == STATIC:
         value = enc[1]
@@ -84,14 +87,14 @@ def _compile(enc: tuple) -> Builder:
 
         return build_arr
     if op == OBJ:
-        return _compile_object(enc)
+        return _compile_object(enc, referenced)
     if op in (LIST, TUPLE):
         keys, encs = tuple(range(len(enc[1]))), enc[1]
     elif op == DICT:
         keys, encs = enc[1], enc[2]
     else:
         keys, encs = enc[2], enc[3]
-    children = tuple(zip(keys, [_compile(c) for c in encs]))
+    children = tuple(zip(keys, [_compile(c, referenced) for c in encs]))
     dynamic = sum(1 for c in encs if c[0] not in (STATIC, REF))
 
     def build_children(sub: Any, ctx: _Ctx) -> list:
@@ -110,7 +113,19 @@ def _compile(enc: tuple) -> Builder:
     return lambda sub, ctx: jax.tree_util.tree_unflatten(treedef, build_children(sub, ctx))
 
 
-def _compile_object(enc: tuple) -> Builder:
+def _referenced(enc: Any, out: set[int]) -> set[int]:
+    """The node indices some REF entry points to (only those need recording while building)."""
+    if type(enc) is tuple and enc:
+        if enc[0] == REF and len(enc) == 2 and type(enc[1]) is int:
+            out.add(enc[1])
+            return out
+        for item in enc:
+            if type(item) is tuple:
+                _referenced(item, out)
+    return out
+
+
+def _compile_object(enc: tuple, referenced: frozenset[int]) -> Builder:
     cls, idx, snames, svals, dyn, marks = enc[1:]
     statics = dict(zip(snames, svals))
     # Variable children are the common case: handled inline, without a call per child.
@@ -118,9 +133,9 @@ def _compile_object(enc: tuple) -> Builder:
     other_children: list[tuple[str, Builder]] = []
     for name, c in dyn:
         if c[0] == VAR:
-            var_children.append((name, c[1]._from_parts, c[2], c[3]))
+            var_children.append((name, c[1]._from_parts, c[2] in referenced, c[2], c[3]))
         else:
-            other_children.append((name, _compile(c)))
+            other_children.append((name, _compile(c, referenced)))
     var_children_t = tuple(var_children)
     other_children_t = tuple(other_children)
     n_state_keys = sum(1 for _, c in dyn if c[0] not in (STATIC, REF))
@@ -128,20 +143,27 @@ def _compile_object(enc: tuple) -> Builder:
     dyn_template = dict.fromkeys(dnames)
     layout = (snames, svals, dnames)
 
+    store_self = idx in referenced
+
     def build_obj(sub: Any, ctx: _Ctx) -> Any:
         obj = _new(cls)
-        ctx.nodes[idx] = obj
+        if store_self:
+            ctx.nodes[idx] = obj
         d = obj.__dict__
         st = d[_STATE_ATTR] = _fresh_state(ctx.trace, statics, dyn_template, layout)
         if marks is not None:
             st.static_names, st.data_names = marks
         d.update(statics)
-        s = _sub_dict(sub) if sub is not _MISSING else {}
+        if type(sub) is dict:
+            s = sub
+        elif sub is _MISSING:
+            s = _NO_STATE
+        else:
+            s = _sub_dict(sub)
         if len(s) > n_state_keys:
             raise _Mismatch
-        nodes = ctx.nodes
         copy = ctx.copy
-        for name, from_parts, vidx, frozen in var_children_t:
+        for name, from_parts, store, vidx, frozen in var_children_t:
             leaf = s.get(name, _MISSING)
             if isinstance(leaf, Variable):
                 if copy:
@@ -150,7 +172,8 @@ def _compile_object(enc: tuple) -> Builder:
                 raise _Mismatch
             else:
                 leaf = from_parts(leaf, frozen.mapping, frozen)
-            nodes[vidx] = leaf
+            if store:
+                ctx.nodes[vidx] = leaf
             d[name] = leaf
         for name, f in other_children_t:
             d[name] = f(s.get(name, _MISSING), ctx)
@@ -163,7 +186,8 @@ def plan_for(graphdef: GraphDef) -> Builder:
     """The compiled builder of ``graphdef`` (compiled on first use, then cached on it)."""
     plan = graphdef._plan
     if plan is None:
-        plan = graphdef._plan = _compile(graphdef.root)
+        referenced = frozenset(_referenced(graphdef.root, set()))
+        plan = graphdef._plan = _compile(graphdef.root, referenced)
     return plan
 
 
