@@ -79,30 +79,22 @@ class ObjectState:
       data_names: attributes forced data with :func:`data`.
     """
 
-    __slots__ = (
-        "trace_state",
-        "tracked",
-        "static_names",
-        "data_names",
-        "statics",
-        "dynamic",
-        "shared",
-        "walks",
-        "layout",
-    )
+    # Hot attributes (set for every object merge builds) are slots; rarely changed ones are
+    # class-level defaults, overridden in the instance dict when set.
+    __slots__ = ("trace_state", "statics", "dynamic", "shared", "layout", "__dict__")
+    tracked: bool = False
+    static_names: frozenset = frozenset()
+    data_names: frozenset = frozenset()
+    walks: dict | None = None  # cached graph walks rooted here (refax._graph._cache)
 
     def __init__(self) -> None:
         self.trace_state = current_trace()
-        self.tracked = False
-        self.static_names: frozenset[str] = frozenset()
-        self.data_names: frozenset[str] = frozenset()
         # Attribute kinds kept up to date on assignment, so graph walks need not classify
         # every static attribute: name -> value for static ones, ordered names of the rest.
         # None means unknown (the next walk recomputes them).
         self.statics: dict[str, Any] | None = {}
         self.dynamic: dict[Any, None] | None = {}
         self.shared = False  # statics/dynamic are templates shared with a merge plan
-        self.walks: dict | None = None  # cached graph walks rooted here (refax._graph._cache)
         self.layout: tuple | None = None  # sorted (static names, values, dynamic names)
 
     @classmethod
@@ -113,12 +105,9 @@ class ObjectState:
         shared until the first change (copy on write)."""
         st = object.__new__(cls)
         st.trace_state = trace
-        st.tracked = False
-        st.static_names = st.data_names = frozenset()
         st.statics = statics
         st.dynamic = dynamic
         st.shared = True
-        st.walks = None
         st.layout = layout
         return st
 
