@@ -24,7 +24,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 MIN_REPEAT_S = 200e-6  # a repeat shorter than this is made of several calls
@@ -184,14 +184,27 @@ def fmt_ratio(ratio: float | None) -> str:
 
 
 @dataclass
+class Table:
+    """An extra table of a suite, printed after its main one under ``title``."""
+
+    title: str
+    headers: list[str]
+    rows: list[list[str]]
+
+
+@dataclass
 class SuiteResult:
-    """What a suite hands back to ``run.py``: one table plus notes and failed targets."""
+    """What a suite hands back to ``run.py``: a table plus notes and failed targets.
+
+    ``tables``: further tables (optional), printed after the main one.
+    """
 
     title: str
     headers: list[str]
     rows: list[list[str]]
     notes: list[str]
     failed: list[str]
+    tables: list[Table] = field(default_factory=list)
 
 
 def format_table(headers: list[str], rows: list[list[str]], *, markdown: bool = False) -> str:

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _timing import Settings, format_table  # noqa: E402
 
-SUITES = ("graph_ops",)
+SUITES = ("graph_ops", "train_step", "scan_layers")
 
 
 def _cpu_model() -> str:
@@ -132,6 +132,11 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(format_table(result.headers, result.rows, markdown=args.markdown))
         print()
+        for table in result.tables:
+            print(f"#### {table.title}" if args.markdown else f"-- {table.title}")
+            print()
+            print(format_table(table.headers, table.rows, markdown=args.markdown))
+            print()
         for note in result.notes:
             print(bullet + note)
         print(f"{bullet}suite time: {elapsed:.1f} s")
