@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from _timing import Settings, SuiteResult, fmt_ratio, fmt_time, measure_interleaved
 
-TITLE = "scan_layers: nnx.scan over a vmap-created 16-layer stack vs jax.lax.scan"
+TITLE = "nnx.scan over a vmap-created 16-layer stack vs jax.lax.scan"
 LAYERS, WIDTH, BATCH = 16, 64, 32
 TARGET = 1.2
 
