@@ -73,6 +73,7 @@ def _differentiate(
     holomorphic: bool,
     allow_int: bool,
     return_value: bool,
+    graph: bool | None = None,
 ) -> Callable[..., Any]:
     check_not_bound_method(fun, "grad")
     specs, single = _specs(argnums)
@@ -88,7 +89,7 @@ def _differentiate(
                 raise ValueError(
                     f"argnums refers to argument {a} but the function got {n} arguments."
                 )
-        inputs = split_inputs(args, kwargs)
+        inputs = split_inputs(args, kwargs, graph=graph)
         owners = arg_owners(inputs, args, kwargs)
         walk = inputs.walk
         # int argnums differentiate an object's Params, but every Variable of a plain
@@ -236,7 +237,9 @@ def value_and_grad(
         return lambda fn: value_and_grad(
             fn, argnums, has_aux, holomorphic=holomorphic, allow_int=allow_int
         )
-    return _differentiate(f, argnums, has_aux, holomorphic, allow_int, return_value=True)
+    return _differentiate(
+        f, argnums, has_aux, holomorphic, allow_int, return_value=True, graph=graph
+    )
 
 
 def grad(
@@ -260,4 +263,6 @@ def grad(
             graph=graph,
             graph_updates=graph_updates,
         )
-    return _differentiate(f, argnums, has_aux, holomorphic, allow_int, return_value=False)
+    return _differentiate(
+        f, argnums, has_aux, holomorphic, allow_int, return_value=False, graph=graph
+    )

@@ -194,11 +194,14 @@ def resolve_modes(graph: bool | None, graph_updates: bool | None) -> tuple[bool,
     return graph, graph and graph_updates
 
 
-def split_inputs(args: tuple, kwargs: dict, *, graph: bool = True) -> Inputs:
+def split_inputs(args: tuple, kwargs: dict, *, graph: bool | None = None) -> Inputs:
     """Step 1: separates graph nodes from the rest of the arguments and walks them.
 
-    In tree mode (``graph=False``) an object reachable twice is an error.
+    In tree mode (``graph=False``; ``None`` reads the ``set_graph_mode`` default) an object
+    reachable twice is an error.
     """
+    if graph is None:
+        graph = resolve_modes(None, None)[0]
     leaves, treedef = jax.tree_util.tree_flatten((args, kwargs), is_leaf=is_node)
     node_pos = tuple(i for i, x in enumerate(leaves) if is_node(x))
     nodes = tuple(leaves[i] for i in node_pos)
