@@ -26,6 +26,7 @@ from refax.nn import normalization as normalization
 from refax.nn import pooling as pooling
 from refax.nn import recurrent as recurrent
 from refax.nn import stochastic as stochastic
+from refax.nn import weight_norms as weight_norms
 from refax.nn.activations import PReLU as PReLU
 from refax.nn.activations import celu as celu
 from refax.nn.activations import elu as elu
@@ -72,8 +73,6 @@ from refax.nn.normalization import GroupNorm as GroupNorm
 from refax.nn.normalization import InstanceNorm as InstanceNorm
 from refax.nn.normalization import LayerNorm as LayerNorm
 from refax.nn.normalization import RMSNorm as RMSNorm
-from refax.nn.normalization import SpectralNorm as SpectralNorm
-from refax.nn.normalization import WeightNorm as WeightNorm
 from refax.nn.pooling import avg_pool as avg_pool
 from refax.nn.pooling import max_pool as max_pool
 from refax.nn.pooling import min_pool as min_pool
@@ -87,3 +86,5 @@ from refax.nn.recurrent import RNNCellBase as RNNCellBase
 from refax.nn.recurrent import SimpleCell as SimpleCell
 from refax.nn.sequential import Sequential as Sequential
 from refax.nn.stochastic import Dropout as Dropout
+from refax.nn.weight_norms import SpectralNorm as SpectralNorm
+from refax.nn.weight_norms import WeightNorm as WeightNorm
