@@ -53,7 +53,7 @@ class Dropout(Module):
     """Randomly zeroes inputs with probability ``rate`` (Srivastava et al., 2014).
 
     Args:
-      rate: probability of dropping an entry, in ``[0, 1]`` (1 drops everything).
+      rate: probability of dropping an entry, in ``[0, 1)``.
       broadcast_dims: axes along which the same mask is shared (e.g. ``(1,)`` drops whole
         time steps of ``(batch, time, features)`` inputs).
       deterministic: True makes the layer the identity; ``None`` requires it at call time.
@@ -80,10 +80,10 @@ class Dropout(Module):
         rng_collection: str = "dropout",
         rngs: Rngs | RngStream | None = None,
     ):
-        if isinstance(rate, numbers.Real) and not 0.0 <= rate <= 1.0:
+        if isinstance(rate, numbers.Real) and not 0.0 <= rate < 1.0:
             raise ValueError(
-                f"Dropout: rate must be a probability in [0, 1], got {rate}. It is the "
-                "fraction of entries dropped (Dropout(0.1) keeps 90%)."
+                f"Dropout: rate must be in [0, 1), got {rate}. It is the fraction of entries "
+                "dropped (Dropout(0.1) keeps 90%); a rate of 1 would drop every entry."
             )
         self.rate = rate
         self.broadcast_dims = tuple(broadcast_dims)
@@ -119,7 +119,7 @@ class Dropout(Module):
             )
         if self.rate == 0.0 or deterministic:
             return inputs
-        if self.rate == 1.0:  # avoids 0 / 0 in the rescaling (and NaN gradients)
+        if self.rate == 1.0:  # (a traced rate) avoids 0 / 0 in the rescaling
             return jnp.zeros_like(inputs)
         key = self._key(rngs)
         keep_prob = 1.0 - self.rate
