@@ -174,6 +174,9 @@ class JitWrapped:
         graph_updates = self._modes[1]
         input_leaves = None if graph_updates else _input_leaves(nodes)
         out = self.fun(*args, **kwargs)
+        if out_sh is not None and _per_variable(out_sh.tree) and is_node(out):
+            _shard_object(out, out_sh.tree)  # per-Variable out_shardings of a returned object
+            out_sh = None
         info, new_values, out_other = collect_outputs(
             graphdef,
             values,
@@ -377,6 +380,23 @@ class _HashableTree:
 
     def __hash__(self) -> int:
         return id(self.tree)
+
+
+def _per_variable(out_shardings: Any) -> bool:
+    return not isinstance(out_shardings, (jax.sharding.Sharding, jax.sharding.PartitionSpec))
+
+
+def _shard_object(node: Any, out_shardings: Any) -> None:
+    """Lays out the Variables of a returned object by a StateSharding or a State of shardings."""
+    from refax._graph._flatten import flatten
+    from refax._transforms._prefix import _leaf_value, shard_inside
+    from refax._variables import Variable, _set_raw
+
+    walk = flatten(node, with_paths=True)
+    for leaf, path in zip(walk.leaves, walk.paths):
+        if isinstance(leaf, Variable):
+            sharding = _leaf_value(out_shardings, path, leaf)
+            _set_raw(leaf, shard_inside(leaf._raw_value, sharding))
 
 
 def _constrain_outputs(out_sh: _HashableTree, info: Any, values: list, out_other: list):

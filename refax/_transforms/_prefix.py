@@ -203,9 +203,13 @@ def shard_inside(x: Any, sharding: Any) -> Any:
 
 
 def constrain_outputs(out_shardings: Any, info: Any, values: list, out_other: list):
-    """Applies ``out_shardings`` (one sharding for all outputs) to the function's outputs:
-    the returned arrays and the state of objects created inside, never the updated state of
-    the inputs."""
+    """Applies ``out_shardings`` to the function's outputs: the returned arrays and the state
+    of objects created inside, never the updated state of the inputs.
+
+    ``out_shardings`` is one sharding for everything here; per-Variable shardings of a
+    returned object (``StateSharding`` or a State of shardings) are applied by ``nnx.jit`` to
+    the object's Variables directly.
+    """
     if isinstance(out_shardings, (jax.sharding.Sharding, jax.sharding.PartitionSpec)):
         out_other = [shard_inside(x, out_shardings) for x in out_other]
         if not info.unchanged:
@@ -215,7 +219,8 @@ def constrain_outputs(out_shardings: Any, info: Any, values: list, out_other: li
             ]
         return values, out_other
     raise NotImplementedError(
-        "nnx.jit out_shardings supports one sharding for all outputs; for per-Variable "
-        "shardings constrain the state inside the function (jax.lax.with_sharding_constraint "
-        "with nnx.get_partition_spec) or pass StateSharding in in_shardings."
+        "nnx.jit out_shardings takes one sharding for all outputs, or per-Variable shardings "
+        "(StateSharding, or a State of shardings) when the function returns one new object; "
+        "for other layouts constrain inside the function (jax.lax.with_sharding_constraint "
+        "with nnx.get_partition_spec)."
     )
