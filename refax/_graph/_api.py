@@ -204,7 +204,7 @@ def _flat_paths(d: Any, prefix: tuple = ()) -> list[tuple]:
     return out
 
 
-def update(node: Any, state: Any, /, *states: Any) -> None:
+def update(node: Any, state: Any, /, *states: Any, graph: bool | None = None) -> None:
     """Writes the values of State(s) into the Variables of ``node`` in place.
 
     Raises:

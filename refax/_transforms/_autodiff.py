@@ -32,12 +32,13 @@ import jax
 
 from refax._object import Pytree
 from refax._statelib import State
-from refax._transforms._jit import check_not_bound_method
+from refax._transforms._jit import _input_leaves, check_not_bound_method
 from refax._transforms._lift import (
     Static,
     apply_outputs,
     collect_outputs,
     rebuild_inputs,
+    resolve_modes,
     split_inputs,
     static_of,
 )
@@ -74,6 +75,7 @@ def _differentiate(
     allow_int: bool,
     return_value: bool,
     graph: bool | None = None,
+    graph_updates: bool | None = None,
 ) -> Callable[..., Any]:
     check_not_bound_method(fun, "grad")
     specs, single = _specs(argnums)
@@ -89,7 +91,8 @@ def _differentiate(
                 raise ValueError(
                     f"argnums refers to argument {a} but the function got {n} arguments."
                 )
-        inputs = split_inputs(args, kwargs, graph=graph)
+        graph_mode, updates = resolve_modes(graph, graph_updates)
+        inputs = split_inputs(args, kwargs, graph=graph_mode)
         owners = arg_owners(inputs, args, kwargs)
         walk = inputs.walk
         # int argnums differentiate an object's Params, but every Variable of a plain
@@ -123,6 +126,7 @@ def _differentiate(
             values = _interleave(value_mask, dv, nv)
             other = _fill(other_mask, do, no)
             a, kw, nodes, built = rebuild_inputs(static.value, values, other)
+            input_leaves = None if updates else _input_leaves(nodes)
             out = fun(*a, **kw)
             if has_aux:
                 if not (isinstance(out, tuple) and len(out) == 2):
@@ -133,7 +137,15 @@ def _differentiate(
                 value, aux = out
             else:
                 value, aux = out, None
-            info, new_values, out_other = collect_outputs(graphdef, values, nodes, built, aux)
+            info, new_values, out_other = collect_outputs(
+                graphdef,
+                values,
+                nodes,
+                built,
+                aux,
+                graph_updates=updates,
+                input_leaves=input_leaves,
+            )
             return value, (Static(info), new_values, out_other)
 
         (value, (info, new_values, aux_other)), (g_dv, g_do) = _value_and_grad(
@@ -238,7 +250,14 @@ def value_and_grad(
             fn, argnums, has_aux, holomorphic=holomorphic, allow_int=allow_int
         )
     return _differentiate(
-        f, argnums, has_aux, holomorphic, allow_int, return_value=True, graph=graph
+        f,
+        argnums,
+        has_aux,
+        holomorphic,
+        allow_int,
+        return_value=True,
+        graph=graph,
+        graph_updates=graph_updates,
     )
 
 
@@ -264,5 +283,12 @@ def grad(
             graph_updates=graph_updates,
         )
     return _differentiate(
-        f, argnums, has_aux, holomorphic, allow_int, return_value=False, graph=graph
+        f,
+        argnums,
+        has_aux,
+        holomorphic,
+        allow_int,
+        return_value=False,
+        graph=graph,
+        graph_updates=graph_updates,
     )

@@ -71,3 +71,18 @@ def test_set_graph_updates_default_and_context():
     assert not hasattr(m, "extra")
     step(m)  # default: graph updates propagate
     np.testing.assert_array_equal(m.extra.value, [0.0])
+
+
+def test_grad_with_graph_updates_false_propagates_values_only():
+    m = M()
+
+    def loss_with_side_effects(m):
+        m.count[...] += 1
+        m.extra = nnx.Param(jnp.zeros(1))
+        return loss(m)
+
+    grads = nnx.grad(loss_with_side_effects, graph_updates=False)(m)
+    np.testing.assert_allclose(grads["a"].value, 2 * np.ones(2))
+    assert int(m.count.value) == 1 and not hasattr(m, "extra")
+    nnx.grad(loss_with_side_effects)(m)
+    assert int(m.count.value) == 2 and hasattr(m, "extra")
