@@ -50,6 +50,7 @@ from refax._transforms._lift import (
     collect_outputs,
     is_node,
     rebuild_inputs,
+    resolve_modes,
     split_inputs,
 )
 from refax._variables import Variable
@@ -101,6 +102,9 @@ class MappedWrapped:
     in_prefix: Any
     out_prefix: Any
     partition_name: Any = None
+    graph: bool | None = None  # None: the set_graph_mode / set_graph_updates defaults
+    graph_updates: bool | None = None
+    _updates = True  # the effective graph_updates of the call being traced
 
     def __get__(self, obj: Any, objtype: Any = None) -> Any:
         if obj is None:
@@ -112,7 +116,8 @@ class MappedWrapped:
         self, args: tuple, kwargs: dict, in_prefix: Any, extra: Any = ()
     ) -> tuple[Inputs, tuple, list, Static]:
         """Splits the arguments; returns (inputs, value_axes, other_axes, static)."""
-        inputs = split_inputs(args, kwargs)
+        graph, self._updates = resolve_modes(self.graph, self.graph_updates)
+        inputs = split_inputs(args, kwargs, graph=graph)
         prefixes = args_prefixes(in_prefix, args, kwargs, is_leaf=self._is_leaf, what=self._in_what)
         node_prefixes = [prefixes[p] for p in inputs.node_pos]
         check_input_aliasing(inputs, node_prefixes)
@@ -152,6 +157,7 @@ class MappedWrapped:
             for leaf_var, axis in zip(_leaf_variables(nodes), value_axes):
                 if isinstance(leaf_var, Variable) and isinstance(axis, int):
                     _remove_axis(leaf_var, axis)
+        input_leaves = None if self._updates else _leaf_variables(nodes)
         out = self._call_fun(args, kwargs, call_extra)
 
         out_leaves = jax.tree_util.tree_leaves(out, is_leaf=is_node)
@@ -190,6 +196,8 @@ class MappedWrapped:
             every_input=self._every_input,
             before_walk=before if name is not None else None,
             annotate=leaf_axes,
+            graph_updates=self._updates,
+            input_leaves=input_leaves,
         )
         if info.unchanged:
             value_out = [value_axes[i] for i in info.changed]
@@ -213,8 +221,11 @@ class VmapWrapped(MappedWrapped):
         axis_size: int | None = None,
         spmd_axis_name: Any = None,
         transform_metadata: Mapping[str, Any] | None = None,
+        graph: bool | None = None,
+        graph_updates: bool | None = None,
     ):
         check_not_bound_method(fun, "vmap")
+        self.graph, self.graph_updates = graph, graph_updates
         functools.update_wrapper(self, fun)
         self.fun = fun
         self.in_axes = self.in_prefix = in_axes
@@ -277,7 +288,9 @@ def vmap(
       axis_name, axis_size, spmd_axis_name: as for ``jax.vmap``.
       transform_metadata: ``{nnx.PARTITION_NAME: name}`` keeps Variables' sharding names in
         step with the mapped axis.
-      graph, graph_updates: accepted for API compatibility (graph mode, updates propagate).
+      graph, graph_updates: tree mode (False rejects shared references) and whether
+        structural changes inside propagate out; None reads ``set_graph_mode`` /
+        ``set_graph_updates``.
     """
     kwargs = dict(
         in_axes=in_axes,
@@ -286,6 +299,8 @@ def vmap(
         axis_size=axis_size,
         spmd_axis_name=spmd_axis_name,
         transform_metadata=transform_metadata,
+        graph=graph,
+        graph_updates=graph_updates,
     )
     if f is None:
         return lambda fn: VmapWrapped(fn, **kwargs)

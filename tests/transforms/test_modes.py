@@ -86,3 +86,16 @@ def test_grad_with_graph_updates_false_propagates_values_only():
     assert int(m.count.value) == 1 and not hasattr(m, "extra")
     nnx.grad(loss_with_side_effects)(m)
     assert int(m.count.value) == 2 and hasattr(m, "extra")
+
+
+def test_vmap_with_graph_updates_false_propagates_values_only():
+    m = M()
+
+    def step(m):
+        m.count[...] += 1
+        m.extra = nnx.Param(jnp.zeros(1))
+
+    nnx.vmap(step, in_axes=None, axis_size=2, graph_updates=False)(m)
+    assert int(m.count.value) == 1 and not hasattr(m, "extra")
+    nnx.vmap(step, in_axes=None, axis_size=2)(m)
+    assert int(m.count.value) == 2 and hasattr(m, "extra")
