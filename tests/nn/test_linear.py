@@ -9,6 +9,7 @@ from flax import nnx as F
 from refax import nnx
 from refax._rngs import Rngs
 from refax.nn import Einsum, Embed, Linear, LinearGeneral, initializers
+from tests.nn._compare import assert_same_attrs, assert_same_output, f32, grads
 
 # (dtype, param_dtype): inferred, explicit up-cast and explicit down-cast computations.
 DTYPE_PRODUCT = [
@@ -17,31 +18,6 @@ DTYPE_PRODUCT = [
     (jnp.float32, jnp.bfloat16),
     (jnp.bfloat16, jnp.float32),
 ]
-
-
-def f32(x):
-    return np.asarray(x, np.float32)
-
-
-def assert_same_params(ref, mine, names):
-    for name in names:
-        a, b = getattr(ref, name), getattr(mine, name)
-        if a is None:
-            assert b is None, name
-            continue
-        assert a.shape == b.shape and a.dtype == b.dtype, name
-        np.testing.assert_allclose(f32(a[...]), f32(b[...]), rtol=1e-6, err_msg=name)
-
-
-def assert_same_output(ya, yb):
-    assert ya.shape == yb.shape and ya.dtype == yb.dtype
-    np.testing.assert_allclose(f32(ya), f32(yb), rtol=1e-6, atol=1e-6)
-
-
-def grads(module, fn, *args):
-    """Gradients of ``fn(module, *args)`` w.r.t. the module state and the args."""
-    graphdef, state = nnx.split(module)
-    return jax.grad(lambda s, *a: fn(nnx.merge(graphdef, s), *a), argnums=(0, 1))(state, *args)
 
 
 X = jax.random.normal(jax.random.key(42), (4, 3, 6))
@@ -55,7 +31,7 @@ def test_linear_matches_oracle(dtype, param_dtype, use_bias):
     bias_init = initializers.normal(1.0)
     ref = F.Linear(6, 5, **kw, bias_init=bias_init, rngs=F.Rngs(0))
     mine = Linear(6, 5, **kw, bias_init=bias_init, rngs=Rngs(0))
-    assert_same_params(ref, mine, ["kernel", "bias"])
+    assert_same_attrs(ref, mine, ["kernel", "bias"])
     for x in (X, X.astype(jnp.bfloat16)):
         assert_same_output(ref(x), mine(x))
 
@@ -147,7 +123,7 @@ def test_linear_general_matches_oracle(case, dtype, param_dtype):
     kw = dict(LG_CASES[case], dtype=dtype, param_dtype=param_dtype)
     kw["bias_init"] = initializers.normal(1.0)
     ref, mine = F.LinearGeneral(**kw, rngs=F.Rngs(3)), LinearGeneral(**kw, rngs=Rngs(3))
-    assert_same_params(ref, mine, ["kernel", "bias"])
+    assert_same_attrs(ref, mine, ["kernel", "bias"])
     assert (mine.in_features, mine.out_features, mine.axis) == (
         ref.in_features,
         ref.out_features,
@@ -201,7 +177,7 @@ def test_einsum_matches_oracle(case, dtype, param_dtype):
         F.Einsum(eq, kshape, bshape, **kw, rngs=F.Rngs(0)),
         Einsum(eq, kshape, bshape, **kw, rngs=Rngs(0)),
     )
-    assert_same_params(ref, mine, ["kernel", "bias"])
+    assert_same_attrs(ref, mine, ["kernel", "bias"])
     assert_same_output(ref(X), mine(X))
 
 
@@ -236,7 +212,7 @@ IDS = jnp.array([[0, 3, 4], [1, 2, 2]])
 def test_embed_matches_oracle(dtype, param_dtype):
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     ref, mine = F.Embed(5, 6, **kw, rngs=F.Rngs(0)), Embed(5, 6, **kw, rngs=Rngs(0))
-    assert_same_params(ref, mine, ["embedding"])
+    assert_same_attrs(ref, mine, ["embedding"])
     assert mine.dtype == ref.dtype
     assert_same_output(ref(IDS), mine(IDS))
     for q in (X, X.astype(jnp.bfloat16)):

@@ -9,6 +9,7 @@ from flax import nnx as F
 from refax import nnx
 from refax._rngs import Rngs
 from refax.nn import BatchNorm, GroupNorm, LayerNorm, RMSNorm, initializers
+from tests.nn._compare import assert_same_attrs, assert_same_output, grads
 
 # (dtype, param_dtype): inferred, explicit up-cast and explicit down-cast computations.
 DTYPE_PRODUCT = [
@@ -25,10 +26,6 @@ LAYERS = {
 }
 X = jax.random.normal(jax.random.key(7), (4, 3, 6)) * 2.0 + 0.5
 RANDOM_INIT = initializers.normal(1.0)
-
-
-def f32(x):
-    return np.asarray(x, np.float32)
 
 
 def make(name, lib, *, rngs_seed=0, **kw):
@@ -48,26 +45,6 @@ def param_names(name):
     )
 
 
-def assert_same_state(ref, mine, names):
-    for n in names:
-        a, b = getattr(ref, n), getattr(mine, n)
-        if a is None:
-            assert b is None, n
-            continue
-        assert a.shape == b.shape and a.dtype == b.dtype, n
-        np.testing.assert_allclose(f32(a[...]), f32(b[...]), rtol=1e-6, err_msg=n)
-
-
-def assert_same_output(ya, yb):
-    assert ya.shape == yb.shape and ya.dtype == yb.dtype
-    np.testing.assert_allclose(f32(ya), f32(yb), rtol=1e-6, atol=1e-6)
-
-
-def grads(module, fn, *args):
-    graphdef, state = nnx.split(module)
-    return jax.grad(lambda s, *a: fn(nnx.merge(graphdef, s), *a), argnums=(0, 1))(state, *args)
-
-
 # -- oracle parity ----------------------------------------------------------------------------
 @pytest.mark.parametrize("name", list(LAYERS))
 @pytest.mark.parametrize("dtype,param_dtype", DTYPE_PRODUCT)
@@ -75,10 +52,10 @@ def test_matches_oracle(name, dtype, param_dtype):
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     ref, mine = make(name, "oracle", **kw), make(name, "refax", **kw)
     names = param_names(name)
-    assert_same_state(ref, mine, names)
+    assert_same_attrs(ref, mine, names)
     for x in (X, X.astype(jnp.bfloat16)):
         assert_same_output(ref(x), mine(x))
-        assert_same_state(ref, mine, names)  # BatchNorm: same running statistics
+        assert_same_attrs(ref, mine, names)  # BatchNorm: same running statistics
     if name == "BatchNorm":
         assert_same_output(ref(X, use_running_average=True), mine(X, use_running_average=True))
 
@@ -90,7 +67,7 @@ def test_mask_and_variance_formula_match_oracle(name, use_fast_variance):
     kw = dict(use_fast_variance=use_fast_variance)
     ref, mine = make(name, "oracle", **kw), make(name, "refax", **kw)
     assert_same_output(ref(X, mask=mask), mine(X, mask=mask))
-    assert_same_state(ref, mine, param_names(name))
+    assert_same_attrs(ref, mine, param_names(name))
 
 
 @pytest.mark.parametrize(
@@ -107,9 +84,9 @@ def test_mask_and_variance_formula_match_oracle(name, use_fast_variance):
 def test_options_match_oracle(name, kw):
     x = X if kw.get("axis") != 1 else jnp.swapaxes(X, 1, 2)
     ref, mine = make(name, "oracle", **kw), make(name, "refax", **kw)
-    assert_same_state(ref, mine, param_names(name))
+    assert_same_attrs(ref, mine, param_names(name))
     assert_same_output(ref(x), mine(x))
-    assert_same_state(ref, mine, param_names(name))
+    assert_same_attrs(ref, mine, param_names(name))
 
 
 def test_group_norm_group_size_and_4d_inputs():
