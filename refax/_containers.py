@@ -19,7 +19,6 @@ from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Mutable
 from typing import Any
 
 from refax._object import Module, _Marker
-from refax._tracers import bump_epoch
 
 _STATE_ATTR = "_pytree__state"
 
@@ -53,11 +52,6 @@ class List(Module, MutableSequence):
             del d[i]
         for i, item in enumerate(items):
             d[i] = _unwrap(item)
-        st = d.get(_STATE_ATTR)
-        if st is not None:
-            st.invalidate()
-            if st.tracked:
-                bump_epoch()
 
     def __len__(self) -> int:
         return self._len()
@@ -86,13 +80,7 @@ class List(Module, MutableSequence):
     def append(self, value: Any) -> None:
         self._check_trace()
         d = self.__dict__
-        index, value = self._len(), _unwrap(value)
-        d[index] = value
-        st = d.get(_STATE_ATTR)
-        if st is not None:
-            st.record(index, value)
-            if st.tracked:
-                bump_epoch()
+        d[self._len()] = _unwrap(value)
 
     def __iter__(self) -> Iterator[Any]:
         return iter(self._items())

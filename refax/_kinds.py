@@ -2,9 +2,9 @@
 
 Every attribute value of an Object falls in one kind: static (hashable, goes into the
 GraphDef), array (a state leaf), Variable or Object (graph nodes), list/tuple/dict containers,
-another registered JAX pytree, or an "other" value that must be hash-checked. Objects keep
-their attributes' kinds up to date on assignment (``ObjectState.statics``/``dynamic``), so a
-walk over a fresh model need not classify every static attribute again.
+another registered JAX pytree, or an "other" value that must be hash-checked. The kind depends
+only on the value's type (``KIND`` caches it per type), except for tuples, which are static
+when everything in them is.
 """
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ def kind_of(value: Any) -> int:
             k = K_OBJ
         elif isinstance(value, (jax.Array, np.ndarray)) or issubclass(t, _LEAF_TYPES):
             k = K_ARRAY
-        elif issubclass(t, np.generic):
-            k = K_STATIC
+        elif issubclass(t, (np.generic, type)):
+            k = K_STATIC  # numpy scalars, and classes (e.g. jnp.float32) whatever their metaclass
         else:
             treedef = jax.tree_util.tree_structure(value)
             if not (treedef.num_nodes == 1 and treedef.num_leaves == 1):

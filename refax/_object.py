@@ -71,89 +71,42 @@ _CAPTURES = "__captures__"  # set by refax.capture on every Module it runs (see 
 class ObjectState:
     """Per-object bookkeeping stored in ``obj._pytree__state`` (never part of the graph).
 
+    The entry also serves the walk cache: a graph walk keeps it last in the object's
+    ``__dict__`` (see ``refax/_graph/README.md``), so it must never be written by hand.
+
     Attributes:
       trace_state: the JAX trace the object was created in.
-      tracked: True once a graph walk has seen the object; from then on its structural
-        changes bump the global structure epoch (invalidating cached walks).
+      tracked: True once a graph walk has seen the object (a kept walk may then depend on
+        the order of its ``__dict__``, so from then on no walk reorders it).
       static_names: attributes forced static with :func:`static`.
       data_names: attributes forced data with :func:`data`.
+      walks: cached graph walks rooted at this object (``refax._graph._cache``).
     """
 
-    # Hot attributes (set for every object merge builds) are slots; rarely changed ones are
-    # class-level defaults, overridden in the instance dict when set.
-    __slots__ = ("trace_state", "statics", "dynamic", "shared", "layout", "__dict__")
-    tracked: bool = False
+    # The trace is set for every object; rarely set attributes are class-level defaults,
+    # overridden in the instance dict when set.
+    __slots__ = ("trace_state", "tracked", "__dict__", "__weakref__")
     static_names: frozenset = frozenset()
     data_names: frozenset = frozenset()
-    walks: dict | None = None  # cached graph walks rooted here (refax._graph._cache)
+    walks: dict | None = None
 
     def __init__(self) -> None:
         self.trace_state = current_trace()
-        # Attribute kinds kept up to date on assignment, so graph walks need not classify
-        # every static attribute: name -> value for static ones, ordered names of the rest.
-        # None means unknown (the next walk recomputes them).
-        self.statics: dict[str, Any] | None = {}
-        self.dynamic: dict[Any, None] | None = {}
-        self.shared = False  # statics/dynamic are templates shared with a merge plan
-        self.layout: tuple | None = None  # sorted (static names, values, dynamic names)
-
-    @classmethod
-    def _fresh(
-        cls, trace: Any, statics: Any = None, dynamic: Any = None, layout: Any = None
-    ) -> ObjectState:
-        """A state for an object built by merge: the kind tables are the plan's templates,
-        shared until the first change (copy on write)."""
-        st = object.__new__(cls)
-        st.trace_state = trace
-        st.statics = statics
-        st.dynamic = dynamic
-        st.shared = True
-        st.layout = layout
-        return st
-
-    def _own_tables(self) -> None:
-        if self.shared:
-            if self.statics is not None and self.dynamic is not None:
-                self.statics = dict(self.statics)
-                self.dynamic = dict(self.dynamic)
-            self.shared = False
-
-    def record(self, name: Any, value: Any) -> None:
-        """Keeps the attribute-kind tables current after ``name`` was set to ``value``."""
-        if self.shared:
-            self._own_tables()
-        self.layout = None
-        statics, dynamic = self.statics, self.dynamic
-        if statics is None or dynamic is None:
-            return
-        if name in self.static_names:
-            static = _kinds.is_static_value(value)
-        elif name in self.data_names:
-            static = False
-        else:
-            static = _kinds.is_static_value(value)
-        if static:
-            statics[name] = value
-            dynamic.pop(name, None)
-        else:
-            dynamic[name] = None
-            statics.pop(name, None)
-
-    def forget(self, name: Any) -> None:
-        if self.shared:
-            self._own_tables()
-        self.layout = None
-        if self.statics is not None and self.dynamic is not None:
-            self.statics.pop(name, None)
-            self.dynamic.pop(name, None)
-
-    def invalidate(self) -> None:
-        self.statics = self.dynamic = None
-        self.shared = False
-        self.layout = None
+        self.tracked = False
 
     def __repr__(self) -> str:
         return f"ObjectState(tracked={self.tracked})"
+
+
+def new_object_state(trace: Any, marks: tuple | None = None) -> ObjectState:
+    """A state for an object built by merge: created under ``trace``, with ``marks``
+    (``(static_names, data_names)``) when there are any."""
+    st = object.__new__(ObjectState)
+    st.trace_state = trace
+    st.tracked = False
+    if marks is not None:
+        st.static_names, st.data_names = marks
+    return st
 
 
 # -- data / static markers ------------------------------------------------------------------
@@ -289,6 +242,8 @@ class Pytree:
         if _has_data_descriptor(type(self), name):
             object.__setattr__(self, name, value)
             return
+        if name == _STATE_ATTR:
+            raise AttributeError(f"{name!r} is refax's bookkeeping entry and cannot be set")
         if type(value) is _Marker:
             value = self._mark(name, value)
         old = d.get(name, _MISSING)
@@ -298,10 +253,6 @@ class Pytree:
             old.set_value(value)
             return
         d[name] = value
-        if st is not None:
-            st.record(name, value)
-            if st.tracked:
-                bump_epoch()
 
     def _mark(self, name: str, marker: _Marker) -> Any:
         st: ObjectState = self.__dict__[_STATE_ATTR]
@@ -319,15 +270,12 @@ class Pytree:
         if _has_data_descriptor(type(self), name):
             object.__delattr__(self, name)
             return
+        if name == _STATE_ATTR:
+            raise AttributeError(f"{name!r} is refax's bookkeeping entry and cannot be deleted")
         try:
             del self.__dict__[name]
         except KeyError:
             raise AttributeError(f"{type(self).__name__} has no attribute {name!r}") from None
-        st = self.__dict__.get(_STATE_ATTR)
-        if st is not None:
-            st.forget(name)
-            if st.tracked:
-                bump_epoch()
 
     # -- copying / pickling ---------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
@@ -340,12 +288,10 @@ class Pytree:
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
         marks = state.pop("__refax_marks__", None)
-        st = ObjectState()
-        if marks is not None:
-            st.static_names, st.data_names = marks
-        st.invalidate()
-        self.__dict__.update(state)
-        self.__dict__[_STATE_ATTR] = st
+        d = self.__dict__
+        d.pop(_STATE_ATTR, None)
+        d.update(state)
+        d[_STATE_ATTR] = new_object_state(current_trace(), marks)
 
     # -- display ---------------------------------------------------------------------------
     def __repr__(self) -> str:
@@ -406,11 +352,10 @@ def _pytree_unflatten(cls: type, aux: Any, children: Any) -> Any:
     data_names, static_items, (static_names, data_marks) = aux
     obj = object.__new__(cls)
     d = obj.__dict__
-    d[_STATE_ATTR] = st = ObjectState()
-    st.static_names, st.data_names = static_names, data_marks
-    st.invalidate()
     d.update(static_items)
     d.update(zip(data_names, children))
+    marks = (static_names, data_marks) if static_names or data_marks else None
+    d[_STATE_ATTR] = new_object_state(current_trace(), marks)
     return obj
 
 

@@ -175,7 +175,7 @@ class Variable(Generic[A]):
       )
     """
 
-    __slots__ = ("_raw_value", "_var_metadata", "_trace_state", "_frozen")
+    __slots__ = ("_raw_value", "_var_metadata", "_trace_state", "_frozen", "__weakref__")
     required_metadata: ClassVar[frozenset[str]] = frozenset()
 
     _raw_value: A
@@ -363,6 +363,9 @@ class Variable(Generic[A]):
     def __setattr__(self, name: str, value: Any) -> None:
         if name in _INTERNAL:
             object.__setattr__(self, name, value)
+        elif name == "__class__":  # a new Variable type: cached graph walks must see it
+            object.__setattr__(self, name, value)
+            bump_epoch()
         elif isinstance(getattr(type(self), name, None), property):
             object.__setattr__(self, name, value)
         else:

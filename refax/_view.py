@@ -45,7 +45,8 @@ from typing import Any, TypeVar
 
 from refax._filters import to_predicate
 from refax._graph import iter_graph
-from refax._object import Module, ObjectState, Pytree
+from refax._object import Module, ObjectState, Pytree, new_object_state
+from refax._tracers import current_trace
 from refax._variables import Variable
 from refax.typing import Filter
 
@@ -104,14 +105,12 @@ class _Copier:
         new = object.__new__(type(obj))
         self.memo[id(obj)] = (obj, new)
         old_state: ObjectState = obj.__dict__[_STATE_ATTR]
-        state = ObjectState()
-        state.static_names, state.data_names = old_state.static_names, old_state.data_names
-        state.invalidate()  # attribute kinds are recomputed by the next graph walk
+        marks = (old_state.static_names, old_state.data_names)
         d = new.__dict__
-        d[_STATE_ATTR] = state
         for name, child in obj.__dict__.items():
             if name != _STATE_ATTR:
                 d[name] = self.copy(child, (*path, name))
+        d[_STATE_ATTR] = new_object_state(current_trace(), marks)
         return new
 
 

@@ -178,11 +178,11 @@ def test_cache_lookup_tolerates_concurrent_eviction(monkeypatch):
     nnx.split(m)
     m.layers.append(Linear())
 
-    def racing(snapshots):
-        _cache.clear()  # what another thread's lookup or eviction does in between
+    def racing(entry, roots):
+        _cache.clear(m)  # what another thread's lookup or eviction does in between
         return False
 
-    monkeypatch.setattr(_cache, "snapshots_valid", racing)
+    monkeypatch.setattr(_cache.Entry, "valid", racing)
     nnx.split(m)
 
 
@@ -226,3 +226,106 @@ def test_split_from_threads():
     for t in threads:
         t.join()
     assert failures == []
+
+
+# -- the stale cases of the cache issue, one by one (each gave a wrong answer before) ----------
+def _jit_twice_then(m, f, mutate):
+    jf = nnx.jit(f)
+    jf(m)
+    jf(m)  # kept walk in use
+    mutate(m)
+    return jf(m), f(m)
+
+
+def test_renamed_key_of_a_registered_mapping_is_seen():
+    m = nnx.Module()
+    m.d = collections.OrderedDict(a=nnx.Param(jnp.ones(2)), b=nnx.Param(jnp.zeros(2)))
+    nnx.split(m)
+    nnx.split(m)
+    nnx.jit(lambda m: None)(m)
+    nnx.jit(lambda m: None)(m)
+
+    def rename(m):
+        m.d["z"] = m.d.pop("b")  # the same value objects in the same order, one key renamed
+
+    got, want = _jit_twice_then(m, lambda m: {k: v[...] for k, v in m.d.items()}, rename)
+    assert sorted(got) == sorted(want) == ["a", "z"]
+    assert {p for p in paths(nnx.state(m))} == {("d", "a"), ("d", "z")}
+
+
+def test_meta_field_of_a_registered_dataclass_is_seen_by_jit():
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Cfg:
+        scale: jax.Array
+        mode: str
+
+    jax.tree_util.register_dataclass(Cfg, data_fields=["scale"], meta_fields=["mode"])
+    m = nnx.Module()
+    m.cfg = Cfg(jnp.ones(2), "pos")
+
+    def f(m):
+        return m.cfg.scale * (1.0 if m.cfg.mode == "pos" else -1.0)
+
+    def mutate(m):
+        m.cfg.mode = "neg"
+
+    got, want = _jit_twice_then(m, f, mutate)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got, -np.ones(2))
+
+
+def test_assignment_through_a_data_descriptor_is_seen_by_jit():
+    class Positive:
+        def __get__(self, obj, owner=None):
+            return self if obj is None else obj.__dict__["_scale"]
+
+        def __set__(self, obj, value):
+            if value < 0:
+                raise ValueError("scale must be >= 0")
+            obj.__dict__["_scale"] = value
+
+    class Scaled(nnx.Module):
+        scale = Positive()
+
+        def __init__(self):
+            self.w = nnx.Param(jnp.ones(2))
+            self.scale = 2.0
+
+    def mutate(m):
+        m.scale = 3.0
+
+    got, want = _jit_twice_then(Scaled(), lambda m: m.w[...] * m.scale, mutate)
+    np.testing.assert_array_equal(got, np.full(2, 3.0))
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        lambda m, v: vars(m).__setitem__("w", v),
+        lambda m, v: object.__setattr__(m, "w", v),
+        lambda m, v: m.__dict__.update(w=v),
+    ],
+    ids=["vars", "object.__setattr__", "__dict__.update"],
+)
+def test_writes_that_bypass_setattr_are_seen(write):
+    m = Linear()
+    nnx.split(m)
+    nnx.split(m)
+    new = nnx.Param(jnp.full((2, 2), 7.0))
+    write(m, new)
+    assert nnx.state(m)["w"] is new  # split sees the new Variable
+
+    @nnx.jit
+    def bump(m):
+        m.w[...] += 1.0
+
+    bump(m)
+    bump(m)
+    newer = nnx.Param(jnp.zeros((2, 2)))
+    write(m, newer)
+    bump(m)  # the update lands in the Variable the model holds now, not the detached one
+    np.testing.assert_array_equal(m.w[...], np.ones((2, 2)))
+    np.testing.assert_array_equal(new[...], np.full((2, 2), 9.0))

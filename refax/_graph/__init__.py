@@ -23,5 +23,5 @@ from refax._graph._api import update as update
 from refax._graph._api import variables as variables
 from refax._graph._flatten import flatten as flatten
 from refax._graph._flatten import is_graph_node as is_graph_node
-from refax._graph._flatten import unflatten as unflatten
 from refax._graph._graphdef import GraphDef as GraphDef
+from refax._graph._unflatten import unflatten as unflatten

@@ -15,16 +15,14 @@ from refax._filters import to_predicate
 from refax._graph import _cache
 from refax._graph._flatten import (
     FlattenResult,
-    _as_dict,
-    _tree_children,
     flatten,
     is_graph_node,
-    merge_dicts,
-    unflatten,
+    sorted_keys,
+    tree_children,
 )
-from refax._graph._flatten import _sorted as _sorted_keys
 from refax._graph._graphdef import GraphDef
 from refax._graph._plan import _Mismatch, run_plan
+from refax._graph._unflatten import as_dict, merge_dicts, unflatten
 from refax._object import Module, Pytree
 from refax._statelib import State
 from refax._tracers import EPOCH, current_trace
@@ -33,10 +31,20 @@ from refax.errors import GraphStructureError
 
 A = TypeVar("A")
 _STATE_ATTR = "_pytree__state"
+_API_KEY = "api"  # key prefix of split/state/graphdef walks in ObjectState.walks
 
 
 def _copy_nested(d: dict) -> dict:
-    return {k: (_copy_nested(v) if type(v) is dict else v) for k, v in d.items()}
+    """A copy of the dict structure of a nested state dict (leaves are shared)."""
+    out = dict(d)
+    stack = [out]
+    while stack:
+        level = stack.pop()
+        for k, v in level.items():
+            if type(v) is dict:
+                level[k] = v = dict(v)  # rebinding an existing key: no resize while iterating
+                stack.append(v)
+    return out
 
 
 def _normalize_filters(filters: tuple) -> tuple:
@@ -58,22 +66,28 @@ def _check_tree_mode(result: FlattenResult, graph: bool | None) -> None:
 
 
 def _walk_owned(node: Any, filters: tuple) -> tuple[FlattenResult, bool]:
-    """Walks ``node`` (or reuses a cached walk); the bool says whether the caller owns the
+    """Walks ``node`` (or reuses a kept walk); the bool says whether the caller owns the
     result's state dicts (True) or must copy them because the cache keeps them (False).
 
-    A root's walk is cached from its second walk on, so a one-off split pays no copy.
+    A root's walk is kept from its second walk on, so a one-off split pays no copy.
     """
     filters = _normalize_filters(filters)
-    key = _cache.cache_key(node, filters)
-    if key is not None:
-        hit = _cache.lookup(key, node)
-        if hit is not None:
-            return hit, False
+    key = None
+    if isinstance(node, Pytree):
+        fkey = _cache.filters_key(filters)
+        if fkey is not None:
+            key = (_API_KEY, fkey)
+            entry = _cache.lookup((node,), key)
+            if entry is not None:
+                return entry.result, False
     epoch = EPOCH.value
     preds = [to_predicate(f) for f in filters] if filters else None
     result = flatten(node, preds, filters_repr=filters)
-    if key is not None and _cache.seen_before(key, node):
-        _cache.store(key, node, result, epoch)
+    if key is not None and _cache.seen_before((node,), key):
+        kept = FlattenResult(
+            result.graphdef, result.states, None, list(result.leaves), None, result.num_refs
+        )
+        _cache.store((node,), key, result, epoch, (0,), kept)
         return result, False
     return result, True
 
@@ -193,14 +207,18 @@ def _build(graphdef: GraphDef, state: dict, copy: bool) -> Any:
         return unflatten(graphdef, state, copy_variables=copy)
 
 
-def _flat_paths(d: Any, prefix: tuple = ()) -> list[tuple]:
+def _flat_paths(d: Any) -> list[tuple]:
+    """The paths of the leaves of a nested state dict."""
     out = []
-    for k, v in _as_dict(d).items():
-        v = _as_dict(v)
-        if type(v) is dict:
-            out.extend(_flat_paths(v, (*prefix, k)))
-        else:
-            out.append((*prefix, k))
+    stack = [((), as_dict(d))]
+    while stack:
+        prefix, level = stack.pop()
+        for k, v in level.items():
+            v = as_dict(v)
+            if type(v) is dict:
+                stack.append(((*prefix, k), v))
+            else:
+                out.append((*prefix, k))
     return out
 
 
@@ -214,71 +232,101 @@ def update(node: Any, state: Any, /, *states: Any, graph: bool | None = None) ->
     for s in (state, *states):
         if isinstance(s, GraphState):
             s = s.state
-        _update(node, _as_dict(s), (), trace)
+        _update(node, as_dict(s), trace)
 
 
-def _update(node: Any, d: Any, path: tuple, trace: Any) -> Any:
-    """Writes the nested state ``d`` into ``node``; returns ``node``, or a rebuilt copy when it
-    is an immutable container (tuple, namedtuple, other pytree) whose contents changed."""
-    if isinstance(node, Pytree):
-        nd = node.__dict__
-        for key, sub in d.items():
-            current = nd.get(key, _MISSING) if key != _STATE_ATTR else _MISSING
-            new = _update_child(node, current, key, sub, path, trace)
-            if new is not current:
-                setattr(node, key, new)
-        return node
-    if isinstance(node, (dict, list)):
-        for key, sub in d.items():
-            if isinstance(node, dict):
-                current = node.get(key, _MISSING)
-            else:
-                current = node[key] if isinstance(key, int) and key < len(node) else _MISSING
-            new = _update_child(node, current, key, sub, path, trace)
-            if new is not current:
-                node[key] = new
-        return node
-    # immutable containers: rebuild with the updated children
-    treedef, keys, children = _tree_children(node)
-    index = {k: i for i, k in enumerate(keys)}
-    children = list(children)
-    changed = False
-    for key, sub in d.items():
-        i = index.get(key)
-        current = children[i] if i is not None else _MISSING
-        new = _update_child(node, current, key, sub, path, trace)
-        if new is not current:
-            children[i] = new
-            changed = True
-    return jax.tree_util.tree_unflatten(treedef, children) if changed else node
+class _UpdateFrame:
+    """A node whose children ``update`` is writing (an iterative walk: any depth works)."""
 
+    __slots__ = ("node", "items", "path", "children", "index", "changed")
 
-def _update_child(node: Any, current: Any, key: Any, sub: Any, path: tuple, trace: Any) -> Any:
-    if type(sub) is not dict:
-        sub = _as_dict(sub)
-    if current is _MISSING:
-        raise GraphStructureError(
-            f"Cannot update {type(node).__name__} at '{'.'.join(map(str, (*path, key)))}': "
-            "the object has no such attribute or item. Update with a State split from this "
-            "object, or merge into a new object instead."
-        )
-    if isinstance(current, Variable):
-        if sub is current:
-            return current
-        ts = current._trace_state
-        if ts is not trace and ts != trace:
-            current._check_trace()  # raises TraceContextError
-        if isinstance(sub, Variable):
-            _set_raw(current, sub._raw_value)
-            meta = sub._var_metadata
-            if meta is not current._var_metadata and meta != current._var_metadata:
-                current.set_metadata(dict(meta))
+    def __init__(self, node: Any, d: dict, path: tuple):
+        self.node = node
+        self.items = iter(d.items())
+        self.path = path
+        self.children: list | None = None  # immutable containers: rebuilt when done
+        self.index: dict | None = None
+        self.changed = False
+        if not isinstance(node, (Pytree, dict, list)):
+            treedef, keys, children = tree_children(node)
+            self.index = {k: i for i, k in enumerate(keys)}
+            self.children = list(children)
+
+    def current(self, key: Any) -> Any:
+        node = self.node
+        if isinstance(node, Pytree):
+            return node.__dict__.get(key, _MISSING) if key != _STATE_ATTR else _MISSING
+        if isinstance(node, dict):
+            return node.get(key, _MISSING)
+        if isinstance(node, list):
+            return node[key] if isinstance(key, int) and 0 <= key < len(node) else _MISSING
+        i = self.index.get(key)  # type: ignore[union-attr]
+        return self.children[i] if i is not None else _MISSING  # type: ignore[index]
+
+    def put(self, key: Any, new: Any) -> None:
+        node = self.node
+        if isinstance(node, Pytree):
+            setattr(node, key, new)
+        elif isinstance(node, (dict, list)):
+            node[key] = new
         else:
-            _set_raw(current, sub)
-        return current
-    if type(sub) is dict:
-        return _update(current, sub, (*path, key), trace)
-    return sub.get_value() if isinstance(sub, Variable) else sub
+            self.children[self.index[key]] = new  # type: ignore[index]
+            self.changed = True
+
+    def result(self) -> Any:
+        """The node, or a rebuilt copy when it is an immutable container that changed."""
+        if self.children is None or not self.changed:
+            return self.node
+        return jax.tree_util.tree_unflatten(tree_children(self.node)[0], self.children)
+
+
+def _update(node: Any, d: dict, trace: Any) -> None:
+    """Writes the nested state ``d`` into ``node`` (immutable containers inside are rebuilt
+    with their updated children and put back into their parent)."""
+    stack = [(_UpdateFrame(node, d, ()), None)]
+    while stack:
+        frame, key_in_parent = stack[-1]
+        for key, sub in frame.items:
+            if type(sub) is not dict:
+                sub = as_dict(sub)
+            current = frame.current(key)
+            if current is _MISSING:
+                raise GraphStructureError(
+                    f"Cannot update {type(frame.node).__name__} at "
+                    f"'{'.'.join(map(str, (*frame.path, key)))}': the object has no such "
+                    "attribute or item. Update with a State split from this object, or merge "
+                    "into a new object instead."
+                )
+            if isinstance(current, Variable):
+                if sub is not current:
+                    _write_variable(current, sub, trace)
+                continue
+            if type(sub) is dict:
+                stack.append((_UpdateFrame(current, sub, (*frame.path, key)), key))
+                break
+            new = sub.get_value() if isinstance(sub, Variable) else sub
+            if new is not current:
+                frame.put(key, new)
+        else:
+            stack.pop()
+            if stack:
+                new = frame.result()
+                parent = stack[-1][0]
+                if new is not parent.current(key_in_parent):
+                    parent.put(key_in_parent, new)
+
+
+def _write_variable(current: Variable, sub: Any, trace: Any) -> None:
+    ts = current._trace_state
+    if ts is not trace and ts != trace:
+        current._check_trace()  # raises TraceContextError
+    if isinstance(sub, Variable):
+        _set_raw(current, sub._raw_value)
+        meta = sub._var_metadata
+        if meta is not current._var_metadata and meta != current._var_metadata:
+            current.set_metadata(dict(meta))
+    else:
+        _set_raw(current, sub)
 
 
 _MISSING = object()
@@ -320,9 +368,9 @@ def pop(node: Any, *filters: Any) -> Any:
 def _children(node: Any) -> list[tuple[Any, Any]]:
     if isinstance(node, Pytree):
         d = node.__dict__
-        return [(k, d[k]) for k in _sorted_keys([k for k in d if k != _STATE_ATTR])]
+        return [(k, d[k]) for k in sorted_keys([k for k in d if k != _STATE_ATTR])]
     if isinstance(node, dict):
-        return [(k, node[k]) for k in _sorted_keys(list(node))]
+        return [(k, node[k]) for k in sorted_keys(list(node))]
     if isinstance(node, (list, tuple)):
         return list(enumerate(node))
     return []
@@ -338,18 +386,24 @@ def iter_graph(node: Any, *, graph: bool | None = None) -> Iterator[tuple[tuple,
     Shared objects are visited once; children come before their parent (the root is last).
     """
     seen: set[int] = set()
-
-    def visit(value: Any, path: tuple) -> Iterator[tuple[tuple, Any]]:
-        if is_graph_node(value):
-            if id(value) in seen:
-                return
-            seen.add(id(value))
-        if isinstance(value, Pytree) or _is_container(value):
-            for key, child in _children(value):
-                yield from visit(child, (*path, key))
-        yield path, value
-
-    return visit(node, ())
+    stack: list[list[Any]] = [[node, (), None]]  # [value, path, children iterator]
+    while stack:
+        frame = stack[-1]
+        value, path, it = frame
+        if it is None:
+            if is_graph_node(value):
+                if id(value) in seen:
+                    stack.pop()
+                    continue
+                seen.add(id(value))
+            has_children = isinstance(value, Pytree) or _is_container(value)
+            it = frame[2] = iter(_children(value) if has_children else ())
+        for key, child in it:
+            stack.append([child, (*path, key), None])
+            break
+        else:
+            stack.pop()
+            yield path, value
 
 
 def iter_modules(node: Any) -> Iterator[tuple[tuple, Module]]:
@@ -376,20 +430,16 @@ def iter_module_children(node: Any) -> Iterator[tuple[Any, Module]]:
 def find_duplicates(node: Any) -> list[list[tuple]]:
     """Lists groups of paths that reach the same Object or Variable."""
     paths: dict[int, list[tuple]] = {}
-    on_stack: set[int] = set()
-
-    def visit(value: Any, path: tuple) -> None:
+    stack: list[tuple[Any, tuple]] = [(node, ())]
+    while stack:
+        value, path = stack.pop()
         if is_graph_node(value):
-            paths.setdefault(id(value), []).append(path)
-            if len(paths[id(value)]) > 1 or id(value) in on_stack:
-                return
-            on_stack.add(id(value))
-        for key, child in (
-            _children(value) if (isinstance(value, Pytree) or _is_container(value)) else []
-        ):
-            visit(child, (*path, key))
-
-    visit(node, ())
+            seen = paths.setdefault(id(value), [])
+            seen.append(path)
+            if len(seen) > 1:
+                continue
+        if isinstance(value, Pytree) or _is_container(value):
+            stack.extend((child, (*path, key)) for key, child in reversed(_children(value)))
     return [p for p in paths.values() if len(p) > 1]
 
 
@@ -504,32 +554,55 @@ def recursive_map(f: Callable[[tuple, Any], Any], node: Any) -> Any:
     node = clone(node)
     done: dict[int, Any] = {}
     active: set[int] = set()
+    result: list[Any] = []
+    # frames: [value, path, children iterator, mapped children (tuples only), parent frame, key]
+    stack: list[list[Any]] = [[node, (), None, None, None, None]]
+    while stack:
+        frame = stack[-1]
+        value, path, it = frame[0], frame[1], frame[2]
+        if it is None:
+            if is_graph_node(value):
+                if id(value) in done:
+                    stack.pop()
+                    _put_mapped(frame, done[id(value)], result)
+                    continue
+                if id(value) in active:
+                    raise ValueError(
+                        f"recursive_map found a reference cycle at "
+                        f"'{'.'.join(str(p) for p in path)}': a node that contains itself "
+                        "cannot be rebuilt bottom-up."
+                    )
+                active.add(id(value))
+            walks = isinstance(value, (Pytree, list, dict)) or type(value) is tuple
+            it = frame[2] = iter(_children(value) if walks else ())
+            if type(value) is tuple:
+                frame[3] = []
+        for key, child in it:
+            stack.append([child, (*path, key), None, None, frame, key])
+            break
+        else:
+            stack.pop()
+            if frame[3] is not None:
+                value = tuple(frame[3])
+            out = f(path, value)
+            if is_graph_node(value):
+                done[id(value)] = out
+                active.discard(id(value))
+            _put_mapped(frame, out, result)
+    return result[0]
 
-    def visit(value: Any, path: tuple) -> Any:
-        if is_graph_node(value):
-            if id(value) in done:
-                return done[id(value)]
-            if id(value) in active:
-                raise ValueError(
-                    f"recursive_map found a reference cycle at '{'.'.join(map(str, path))}': "
-                    "a node that contains itself cannot be rebuilt bottom-up."
-                )
-            active.add(id(value))
-        if isinstance(value, Pytree):
-            for key, child in _children(value):
-                new = visit(child, (*path, key))
-                if new is not child:
-                    value.__dict__[key] = new
-                    value.__dict__[_STATE_ATTR].invalidate()
-        elif isinstance(value, (list, dict)):
-            for key, child in _children(value):
-                value[key] = visit(child, (*path, key))
-        elif type(value) is tuple:
-            value = tuple(visit(c, (*path, i)) for i, c in enumerate(value))
-        out = f(path, value)
-        if is_graph_node(value):
-            done[id(value)] = out
-            active.discard(id(value))
-        return out
 
-    return visit(node, ())
+def _put_mapped(frame: list[Any], new: Any, result: list[Any]) -> None:
+    """Gives a mapped child to its parent (or to the result when it is the root)."""
+    parent, key = frame[4], frame[5]
+    if parent is None:
+        result.append(new)
+        return
+    container = parent[0]
+    if parent[3] is not None:  # a tuple being rebuilt
+        parent[3].append(new)
+    elif isinstance(container, Pytree):
+        if container.__dict__.get(key) is not new:
+            container.__dict__[key] = new
+    else:
+        container[key] = new

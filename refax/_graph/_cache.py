@@ -1,27 +1,44 @@
-"""The flatten cache: repeated walks of an unchanged graph cost a dict copy, not a walk.
+"""The walk cache: a repeated walk of an unchanged graph costs a check, not a walk.
 
-A walk's result stays valid while (1) the global structure epoch is unchanged (no tracked
-Object had an attribute added, deleted or rebound and no Variable's metadata changed) and (2)
-no mutable container seen by the walk was changed in place (checked by identity against a
-snapshot). Variable *values* are read through the Variables themselves, so value changes never
-invalidate.
+A kept walk is reused only when a fresh walk would produce the same result. A walk is a
+function of what it reads; its ``Witness`` records that, and a lookup checks it (the
+invariant, and how each way of changing an object is seen, are in README.md):
 
-Entries live on the root object itself (``ObjectState.walks``), so they die with it: the cache
-never keeps a model alive. They hold no reference back to the root (no ``nodes`` list), so a
-dropped model is freed by reference counting, without waiting for the cyclic collector.
+* the identity and type of every Object walked, and every value in its ``__dict__`` in order
+  (identity). A walk puts refax's bookkeeping entry last in the ``__dict__`` of an object no
+  walk has seen before, and never reorders one after that; a key added later by any route
+  lands after the entry, so adding, deleting, renaming or replacing an attribute changes this
+  sequence. Where the entry is not last, the keys themselves are compared too;
+* the items of every list and dict walked (identity), and for every other mutable registered
+  pytree its one-level flattening (treedef, so keys and static fields, and children);
+* the type of every leaf, and the global structure epoch, which refax bumps when metadata
+  outside any ``__dict__`` changes (Variable metadata and types, ``nnx.data``/``nnx.static``
+  marks).
+
+Entries live on a root object (``ObjectState.walks``), so they die with it: the cache never
+keeps a model alive. They never point back to the object that holds them (the holder is a root
+that no other node reaches, so no reference cycle is made), and they hold the other roots of a
+joint walk only weakly: when one of those dies, the entry is dropped at once, so a long-lived
+model walked with a fresh argument each call keeps no old argument alive.
 """
 
 from __future__ import annotations
 
+import itertools
+import operator
+import weakref
 from typing import Any
 
 from refax import _filters
-from refax._graph._flatten import FlattenResult, snapshots_valid
+from refax._graph._flatten import FlattenResult, tree_children
 from refax._object import Pytree
 from refax._tracers import EPOCH, bump_epoch
+from refax._variables import Variable
 
 _MAX_PER_OBJECT = 8
 _STATE_ATTR = "_pytree__state"
+_END = object()  # closes the value sequence, so a longer or shorter one never matches
+_SEEN = object()  # marks a key walked once (cached from its second walk on)
 _STRUCTURAL_FILTER_TYPES = (
     _filters.OfType,
     _filters.WithTag,
@@ -30,7 +47,10 @@ _STRUCTURAL_FILTER_TYPES = (
     _filters.Everything,
     _filters.Nothing,
 )
-_SEEN = object()  # marks a root walked once (cached from its second walk on)
+_is = operator.is_
+_chain = itertools.chain
+_chain_all = itertools.chain.from_iterable
+_values = dict.values
 
 
 def _structural(f: Any) -> bool:
@@ -54,9 +74,9 @@ def _freeze(f: Any) -> Any:
     return (type(f), f)
 
 
-def cache_key(root: Any, filters: tuple) -> tuple | None:
-    """The cache key for a walk, or None when the walk must not be cached."""
-    if not isinstance(root, Pytree) or not all(_structural(f) for f in filters):
+def filters_key(filters: tuple) -> tuple | None:
+    """The cache key part for a walk with ``filters``, or None when it must not be cached."""
+    if not all(_structural(f) for f in filters):
         return None
     try:
         key = tuple(_freeze(f) for f in filters)
@@ -66,8 +86,96 @@ def cache_key(root: Any, filters: tuple) -> tuple | None:
     return key
 
 
-def _walks(root: Any) -> dict | None:
-    st = root.__dict__.get(_STATE_ATTR)
+class Entry:
+    """A kept walk and what it read (see the module docs)."""
+
+    __slots__ = (
+        "result",
+        "epoch",
+        "objs",
+        "types",
+        "vals",
+        "leaf_types",
+        "lists",
+        "list_lens",
+        "list_items",
+        "dicts",
+        "dict_lens",
+        "dict_keys",
+        "dict_values",
+        "trees",
+        "keyed",
+        "root_checks",
+        "leaf_slots",
+        "others",
+        "extra",
+        "__weakref__",
+    )
+
+    def valid(self, roots: tuple) -> bool:
+        """True when a walk of ``roots`` now would read exactly what this walk read."""
+        if self.epoch != EPOCH.value:
+            return False
+        for i, ref in self.others:
+            if ref() is not roots[i]:
+                return False
+        for i, cls, keys, vals in self.root_checks:
+            root = roots[i]
+            if type(root) is not cls:
+                return False
+            d = vars(root)
+            if tuple(d) != keys:
+                return False
+            now = (v for k, v in d.items() if k != _STATE_ATTR)
+            if not all(map(_is, _chain(now, (_END,)), vals)):
+                return False
+        objs = self.objs
+        if tuple(map(type, objs)) != self.types:
+            return False
+        now = _chain(_chain_all(map(_values, map(vars, objs))), (_END,))
+        if not all(map(_is, now, self.vals)):
+            return False
+        for pos, keys in self.keyed:
+            if tuple(vars(objs[pos])) != keys:
+                return False
+        if tuple(map(type, self.leaves(roots))) != self.leaf_types:
+            return False
+        if self.lists:
+            lists = self.lists
+            if tuple(map(len, lists)) != self.list_lens:
+                return False
+            if not all(map(_is, _chain_all(lists), self.list_items)):
+                return False
+        if self.dicts:
+            dicts = self.dicts
+            if tuple(map(len, dicts)) != self.dict_lens:
+                return False
+            if tuple(_chain_all(dicts)) != self.dict_keys:
+                return False
+            if not all(map(_is, _chain_all(map(_values, dicts)), self.dict_values)):
+                return False
+        for tree, treedef, children in self.trees:
+            try:
+                now_def, _, now_children = tree_children(tree)
+            except Exception:
+                return False
+            if now_def != treedef or not all(map(_is, now_children, children)):
+                return False
+            if len(now_children) != len(children):
+                return False
+        return True
+
+    def leaves(self, roots: tuple) -> list[Any]:
+        leaves = self.result.leaves
+        if self.leaf_slots:
+            leaves = list(leaves)
+            for pos, i in self.leaf_slots:
+                leaves[pos] = roots[i]
+        return leaves
+
+
+def _walks(holder: Any) -> dict | None:
+    st = holder.__dict__.get(_STATE_ATTR) if isinstance(holder, Pytree) else None
     if st is None:
         return None
     walks = st.walks
@@ -76,54 +184,163 @@ def _walks(root: Any) -> dict | None:
     return walks
 
 
-def lookup(key: tuple, root: Any) -> FlattenResult | None:
-    walks = _walks(root)
-    if walks is None:
+def lookup(roots: tuple, key: tuple) -> Entry | None:
+    """The valid entry kept for walking ``roots`` with ``key``, or None."""
+    for root in roots:
+        st = root.__dict__.get(_STATE_ATTR) if isinstance(root, Pytree) else None
+        if st is None or not st.walks:
+            continue
+        walks = st.walks
+        entry = walks.get(key)
+        if entry is None or entry is _SEEN:
+            continue
+        if entry.valid(roots):
+            return entry
+        walks.pop(key, None)  # (``walks`` may have been dropped by another thread meanwhile)
         return None
-    entry = walks.get(key)
-    if entry is None or entry[1] is _SEEN:
-        return None
-    epoch, result = entry
-    if epoch != EPOCH.value:
-        return None
-    if result.snapshots and not snapshots_valid(result.snapshots):
-        walks.pop(key, None)
-        return None
-    return result
+    return None
 
 
-def seen_before(key: tuple, root: Any) -> bool:
-    """True if ``root`` was walked before with these filters; otherwise remembers it.
+def seen_before(roots: tuple, key: tuple) -> bool:
+    """True if ``roots`` were walked with ``key`` before; otherwise remembers that they were.
 
-    Walks are cached from the second one on: a one-off ``split`` then hands its fresh state
-    dicts to the caller instead of paying for a copy that a cache entry would need.
+    Walks are kept from the second one on: a one-off ``split`` hands its fresh state dicts to
+    the caller instead of paying for a copy that a kept entry would need.
     """
-    walks = _walks(root)
+    holder = next((r for r in roots if isinstance(r, Pytree)), None)
+    walks = _walks(holder) if holder is not None else None
     if walks is None:
         return False
     if key in walks:
         return True
-    _insert(walks, key, (-1, _SEEN))
+    _insert(walks, key, _SEEN)
     return False
 
 
-def store(key: tuple, root: Any, result: FlattenResult, epoch: int) -> None:
-    walks = _walks(root)
-    if walks is None:
+def store(
+    roots: tuple,
+    key: tuple,
+    result: FlattenResult,
+    epoch: int,
+    root_nodes: tuple[int, ...],
+    kept: FlattenResult,
+    extra: Any = None,
+) -> None:
+    """Keeps ``result`` (the walk of ``roots``, started at structure epoch ``epoch``).
+
+    Args:
+      roots: the argument objects of the walk.
+      key: what the walk was asked (filters, transform).
+      result: the walk.
+      epoch: ``EPOCH.value`` read before the walk started.
+      root_nodes: the node index of each root in the walk.
+      kept: what to keep of ``result`` (its ``nodes`` and ``leaves`` lists are edited in
+        place: roots are replaced by None and put back on lookup).
+      extra: anything the caller wants back with the entry (``Entry.extra``).
+    """
+    witness = result.witness
+    if witness is None or not witness.cacheable:
         return
-    kept = FlattenResult(result.graphdef, result.states, None, result.leaves, result.snapshots)
-    kept.num_refs = result.num_refs
-    _insert(walks, key, (epoch, kept))
+    holder = _holder(roots, root_nodes, result.ref_targets)
+    if holder is None:
+        return
+    walks = _walks(roots[holder])
+    entry = Entry()
+    entry.result = kept
+    entry.extra = extra
+    entry.epoch = epoch
+    # The roots are checked against the arguments of each lookup (their keys, and their values
+    # but for their bookkeeping entry: the holder's would point back to this entry); every
+    # other Object by the identity of its values, in one pass.
+    root_ids = {id(r): i for i, r in enumerate(roots)}
+    others, vals, keyed, root_checks = [], [], [], []
+    keyed_at = dict(witness.keyed)
+    for pos, (obj, obj_vals) in enumerate(zip(witness.objs, witness.vals)):
+        i = root_ids.get(id(obj))
+        if i is not None:
+            keys = keyed_at.get(pos) or tuple(vars(obj))
+            rest = tuple(v for k, v in zip(keys, obj_vals) if k != _STATE_ATTR)
+            root_checks.append((i, type(obj), keys, (*rest, _END)))
+            continue
+        if pos in keyed_at:
+            keyed.append((len(others), keyed_at[pos]))
+        others.append(obj)
+        vals.append(obj_vals)
+    entry.root_checks = tuple(root_checks)
+    entry.keyed = tuple(keyed)
+    entry.objs = tuple(others)
+    entry.types = tuple(map(type, others))
+    entry.vals = (*_chain_all(vals), _END)
+    entry.leaf_types = tuple(map(type, result.leaves))
+    leaf_slots = []
+    if kept.leaves is not None:
+        leaf_pos = {id(v): i for i, v in enumerate(result.leaves) if isinstance(v, Variable)}
+        for i, r in enumerate(roots):
+            if isinstance(r, Variable) and id(r) in leaf_pos:
+                leaf_slots.append((leaf_pos[id(r)], i))
+                kept.leaves[leaf_pos[id(r)]] = None
+    entry.leaf_slots = tuple(leaf_slots)
+    if kept.nodes is not None:
+        for idx in root_nodes:
+            kept.nodes[idx] = None
+    entry.lists = tuple(c for c, _ in witness.lists)
+    entry.list_lens = tuple(len(items) for _, items in witness.lists)
+    entry.list_items = tuple(_chain_all(items for _, items in witness.lists))
+    entry.dicts = tuple(c for c, _, _ in witness.dicts)
+    entry.dict_lens = tuple(len(keys) for _, keys, _ in witness.dicts)
+    entry.dict_keys = tuple(_chain_all(keys for _, keys, _ in witness.dicts))
+    entry.dict_values = tuple(_chain_all(values for _, _, values in witness.dicts))
+    entry.trees = tuple(witness.trees)
+    evict = _Evict(weakref.ref(roots[holder]), key)
+    entry.others = tuple((i, weakref.ref(r, evict)) for i, r in enumerate(roots) if i != holder)
+    _insert(walks, key, entry)
 
 
-def _insert(walks: dict, key: tuple, entry: tuple) -> None:
+def _holder(roots: tuple, root_nodes: tuple[int, ...], ref_targets: frozenset) -> int | None:
+    """Which root keeps the entry: one that no node of the walk points to (so the entry,
+    which holds the walk's nodes, makes no reference cycle through it); when every root is
+    pointed to (the graph is cyclic anyway), the first Object."""
+    first = None
+    for i, (root, idx) in enumerate(zip(roots, root_nodes)):
+        if not isinstance(root, Pytree):
+            continue
+        if first is None:
+            first = i
+        if idx not in ref_targets:
+            return i
+    return first
+
+
+class _Evict:
+    """Weakref callback of an entry's other roots: drops the entry from its holder's cache.
+
+    It holds the holder weakly and the entry not at all, so it makes no reference cycle.
+    """
+
+    __slots__ = ("holder", "key")
+
+    def __init__(self, holder: weakref.ref, key: tuple):
+        self.holder = holder
+        self.key = key
+
+    def __call__(self, _ref: Any) -> None:
+        holder = self.holder()
+        st = holder.__dict__.get(_STATE_ATTR) if holder is not None else None
+        if st is not None and st.walks:
+            st.walks.pop(self.key, None)
+
+
+def _insert(walks: dict, key: tuple, entry: Any) -> None:
     if len(walks) >= _MAX_PER_OBJECT and key not in walks:
-        walks.pop(next(iter(walks)), None)
+        try:
+            walks.pop(next(iter(walks)), None)
+        except (StopIteration, RuntimeError):  # emptied or resized by another thread
+            pass
     walks[key] = entry
 
 
 def clear(root: Any | None = None) -> None:
-    """Drops the cached walks of ``root``; without a root, invalidates every cached walk."""
+    """Drops the kept walks of ``root``; without a root, invalidates every kept walk."""
     if root is None:
         bump_epoch()
         return

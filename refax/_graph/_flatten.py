@@ -1,13 +1,20 @@
-"""The object graph <-> (GraphDef, state) boundary: one depth-first walk each way.
+"""Object graph -> (GraphDef, state): one iterative depth-first walk.
 
-``flatten`` visits a value once, depth first, attributes in sorted order, remembering every graph
-node (Object or Variable) by identity: the first visit records the node, later visits record a
-reference to its index (this preserves sharing and allows cycles). State leaves (Variables and
-raw arrays) are placed into nested dicts by path, one dict per filter.
+``flatten`` visits a value once, depth first, remembering every graph node (Object or Variable)
+by identity: the first visit records the node, later visits record a reference to its index
+(this preserves sharing and allows cycles). State leaves (Variables and raw arrays) are placed
+into nested dicts by path, one dict per filter. The walk keeps its own stack, so a graph of any
+depth goes through at Python's default recursion limit, and it creates no closures, so it leaves
+no reference cycle behind (a dropped model is freed by reference counting at once).
 
-``unflatten`` interprets a GraphDef encoding, pulling leaves out of nested state dicts by key
-in the same order; it can reuse existing objects by node index (``existing``), which is how
-updates made inside a transform flow back into the caller's objects.
+An Object's attributes are classified by a *layout*: which names are static (they go into the
+GraphDef, sorted) and which are walked (sorted), looked up by the exact tuple of attribute
+names and value types, so a model of many equal layers classifies each kind of layer once.
+Nothing about an object is trusted from an earlier walk: every walk reads every attribute.
+
+Every walk also records what it read (``FlattenResult.witness``): the objects, their attribute
+values, the containers and pytrees it went through. ``_cache.py`` keeps walks and checks a kept
+walk against its witness before reusing it; see README.md for the invariant.
 """
 
 from __future__ import annotations
@@ -25,27 +32,20 @@ from refax._kinds import (
     K_LIST,
     K_OBJ,
     K_OTHER,
-    K_SKIP,
     K_STATIC,
-    K_TREE,
     K_TUPLE,
     K_VAR,
     KIND,
     all_static,
-    is_static_value,
     kind_of,
 )
-from refax._object import ObjectState, Pytree
+from refax._object import Pytree
 from refax._statelib import State
-from refax._tracers import bump_epoch, current_trace
-from refax._variables import Variable, _set_frozen, _set_meta, _set_raw
+from refax._variables import Variable
 from refax.errors import FilterError, GraphStructureError, UnhashableStaticError
 
 _STATE_ATTR = "_pytree__state"
-_MISSING = object()
-
-_KIND = KIND
-_KIND[ObjectState] = K_SKIP
+_ARR_ENTRY = (ARR,)
 
 
 def is_graph_node(value: Any) -> bool:
@@ -53,18 +53,11 @@ def is_graph_node(value: Any) -> bool:
     return isinstance(value, (Pytree, Variable))
 
 
-def _path_str(path: Sequence[Any]) -> str:
+def path_str(path: Sequence[Any]) -> str:
     return ".".join(str(p) for p in path) or "<root>"
 
 
-def _sorted_keys(d: dict) -> list:
-    try:
-        return sorted(d)
-    except TypeError:
-        return list(d)
-
-
-def _tree_children(value: Any) -> tuple[Any, list[Any], list[Any]]:
+def tree_children(value: Any) -> tuple[Any, tuple, tuple]:
     """One level of a registered pytree: (treedef, keys, children)."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(value, is_leaf=lambda x: x is not value)
     keys = []
@@ -76,22 +69,197 @@ def _tree_children(value: Any) -> tuple[Any, list[Any], list[Any]]:
                 break
         else:
             keys.append(str(entry))
-    return treedef, keys, [c for _, c in flat]
+    return treedef, tuple(keys), tuple(c for _, c in flat)
+
+
+def sorted_keys(keys: Any) -> tuple:
+    """Keys in canonical (sorted) order; mixed key types sort by type name first."""
+    try:
+        return tuple(sorted(keys))
+    except TypeError:
+        try:
+            return tuple(sorted(keys, key=lambda k: (type(k).__name__, k)))
+        except TypeError:
+            return tuple(keys)
+
+
+# -- object layouts ----------------------------------------------------------------------------
+class _Forced:
+    """A value marked ``nnx.data`` that would otherwise be static: walked as an array leaf."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any):
+        self.value = value
+
+
+_K_FORCED = -1
+KIND[_Forced] = _K_FORCED
+
+
+def _getter(positions: tuple[int, ...]) -> Callable[[tuple], tuple]:
+    """``vals -> tuple(vals[p] for p in positions)``, in C for two positions or more."""
+    if not positions:
+        return lambda vals: ()
+    if len(positions) == 1:
+        p = positions[0]
+        return lambda vals: (vals[p],)
+    return operator.itemgetter(*positions)
+
+
+class _Layout:
+    """How to read one shape of Object: static names and values, walked names and values.
+
+    ``check`` lists positions whose values must be hash-checked on every walk (their type
+    does not guarantee hashability); ``forced`` lists walked positions marked ``nnx.data``.
+    """
+
+    __slots__ = ("snames", "statics", "dnames", "dynamics", "check", "forced", "tuples", "variants")
+
+    def __init__(self, keys: tuple, vals: tuple, marks: tuple, tuple_flags: dict[int, bool]):
+        static_names, data_names = marks
+        statics: dict[Any, int] = {}
+        dynamics: dict[Any, int] = {}
+        check, forced, tuples = [], [], []
+        for p, name in enumerate(keys):
+            if name == _STATE_ATTR:
+                continue
+            v = vals[p]
+            k = KIND.get(type(v))
+            if k is None:
+                k = kind_of(v)
+            if name in static_names:
+                statics[name] = p
+                if k != K_STATIC and not (k == K_TUPLE and tuple_flags.get(p)):
+                    check.append(p)
+            elif name in data_names:
+                dynamics[name] = p
+                if k in (K_STATIC, K_OTHER, K_TUPLE) and v is not None:
+                    forced.append(p)
+            elif k == K_STATIC:
+                statics[name] = p
+            elif k == K_OTHER:
+                statics[name] = p
+                check.append(p)
+            elif k == K_TUPLE:
+                tuples.append(p)
+                if tuple_flags.get(p, False):
+                    statics[name] = p
+                else:
+                    dynamics[name] = p
+            else:
+                dynamics[name] = p
+        self.snames = sorted_keys(statics)
+        self.statics = _getter(tuple(statics[n] for n in self.snames))
+        self.dnames = sorted_keys(dynamics)
+        dpos = tuple(dynamics[n] for n in self.dnames)
+        self.dynamics = _getter(dpos)
+        self.check = tuple(check)
+        self.forced = tuple(dpos.index(p) for p in forced) if forced else ()
+        self.tuples = tuple(tuples)  # positions whose tuple's kind depends on its contents
+        self.variants: dict[tuple, _Layout] = {}
+
+
+_LAYOUTS: dict[tuple, _Layout] = {}
+_NO_MARKS = (frozenset(), frozenset())
+
+
+def _layout(keys: tuple, vals: tuple, st: Any) -> _Layout:
+    """The layout of an object with these attribute names and values (cached per shape)."""
+    marks = _NO_MARKS if st is None else (st.static_names, st.data_names)
+    key = (keys, tuple(map(type, vals)), marks)
+    base = _LAYOUTS.get(key)
+    if base is None:
+        if len(_LAYOUTS) > 4096:
+            _LAYOUTS.clear()
+        base = _LAYOUTS[key] = _Layout(keys, vals, marks, {})
+    if not base.tuples:
+        return base
+    flags = tuple(all_static(vals[p]) for p in base.tuples)
+    lay = base.variants.get(flags)
+    if lay is None:
+        lay = base.variants[flags] = _Layout(keys, vals, marks, dict(zip(base.tuples, flags)))
+    return lay
+
+
+def _check_hashable(vals: tuple, positions: tuple, keys: tuple, path: tuple) -> None:
+    for p in positions:
+        try:
+            hash(vals[p])
+        except TypeError:
+            raise UnhashableStaticError(
+                f"Static attribute '{path_str((*path, keys[p]))}' holds an unhashable "
+                f"{type(vals[p]).__name__}: static values go into the GraphDef and must be "
+                "hashable. Use a hashable type (e.g. a tuple), or store arrays in a Variable "
+                "or wrap the value with nnx.data(...)."
+            ) from None
+
+
+def _hashable_static(v: Any, path: tuple) -> Any:
+    try:
+        hash(v)
+    except TypeError:
+        raise UnhashableStaticError(
+            f"Static attribute '{path_str(path)}' holds an unhashable {type(v).__name__}: "
+            "static values go into the GraphDef and must be hashable. Use a hashable type "
+            "(e.g. a tuple), or store arrays in a Variable or wrap the value with nnx.data(...)."
+        ) from None
+    return v
+
+
+# -- the walk ----------------------------------------------------------------------------------
+class Witness:
+    """What one walk read, to tell later whether a walk would still produce the same result.
+
+    Attributes:
+      objs: the Objects walked, in walk order.
+      vals: for each Object, the tuple of its ``__dict__`` values as read.
+      lists: ``(list, items)`` for every list walked.
+      dicts: ``(dict, keys, values)`` for every dict walked (a State's included).
+      trees: ``(pytree, treedef, children)`` for every mutable registered pytree walked.
+      keyed: ``(position in objs, keys)`` for the objects whose bookkeeping entry is not last
+        in their ``__dict__`` (their keys are not implied by their values' order).
+      cacheable: False when an object lacks refax's bookkeeping entry (it cannot be checked).
+    """
+
+    __slots__ = ("objs", "vals", "lists", "dicts", "trees", "keyed", "cacheable")
+
+    def __init__(self):
+        self.objs: list[Any] = []
+        self.vals: list[tuple] = []
+        self.keyed: list[tuple[int, tuple]] = []
+        self.lists: list[tuple[list, tuple]] = []
+        self.dicts: list[tuple[dict, tuple, tuple]] = []
+        self.trees: list[tuple[Any, Any, tuple]] = []
+        self.cacheable = True
 
 
 class FlattenResult:
-    """Everything one walk produced."""
+    """Everything one walk produced.
 
-    __slots__ = ("graphdef", "states", "nodes", "leaves", "snapshots", "num_refs", "paths")
+    Attributes:
+      graphdef: the structure.
+      states: one nested dict of leaves per filter.
+      nodes: the graph nodes by index.
+      leaves: the state leaves (Variables and raw arrays) in walk order.
+      paths: the path of each leaf (when asked for, else None).
+      num_refs: how many references to already visited nodes the walk met (0: a tree).
+      ref_targets: the node indices those references point to.
+      witness: what the walk read (see ``Witness``).
+    """
 
-    def __init__(self, graphdef, states, nodes, leaves, snapshots, num_refs=0):
+    __slots__ = ("graphdef", "states", "nodes", "leaves", "paths", "num_refs", "ref_targets")
+    __slots__ += ("witness",)
+
+    def __init__(self, graphdef, states, nodes, leaves, paths=None, num_refs=0):
         self.graphdef: GraphDef = graphdef
         self.states: list[dict] = states
-        self.nodes: list[Any] = nodes
+        self.nodes: Any = nodes
         self.leaves: list[Any] = leaves
-        self.snapshots: list[tuple[Any, tuple]] = snapshots
-        self.num_refs = num_refs
-        self.paths: list[tuple] | None = None
+        self.paths: list[tuple] | None = paths
+        self.num_refs: int = num_refs
+        self.ref_targets: frozenset[int] = frozenset()
+        self.witness: Witness | None = None
 
 
 def flatten(
@@ -107,184 +275,14 @@ def flatten(
       root: any value: an Object, a Variable, or a pytree containing them.
       predicates: one predicate per output state; each leaf goes to the first that matches.
         ``None`` puts every leaf into a single state.
+      filters_repr: the filters behind ``predicates``, for the error message.
+      with_paths: also list the path of every leaf (``FlattenResult.paths``).
     """
-    seen: dict[int, int] = {}
-    nodes: list[Any] = []
-    leaves: list[Any] = []
-    snapshots: list[tuple[Any, tuple]] = []
-    n_states = 1 if predicates is None else len(predicates)
-    unmatched: list[tuple] = []
-    refs: list[int] = []
-    kind_table = _KIND
-    single = predicates is None
-    paths: list[tuple] | None = [] if with_paths else None
-
-    # ``outs`` holds, for the node being walked, one output dict per state; leaves are stored
-    # under their key, sub-nodes get fresh dicts that are attached only when non-empty.
-    def place(outs: list[dict], key: Any, path: tuple, leaf: Any) -> None:
-        if single:
-            outs[0][key] = leaf
-            return
-        for i, pred in enumerate(predicates):  # type: ignore[arg-type]
-            if pred(path, leaf):
-                outs[i][key] = leaf
-                return
-        unmatched.append(path)
-
-    def child(value: Any, key: Any, path: tuple, outs: list[dict], k: int) -> tuple:
-        """Encodes a non-static child ``value`` found under ``key`` of the current node."""
-        if k == K_VAR:
-            vid = id(value)
-            idx = seen.get(vid)
-            if idx is not None:
-                refs.append(idx)
-                return (REF, idx)
-            idx = seen[vid] = len(nodes)
-            nodes.append(value)
-            leaves.append(value)
-            if paths is not None:
-                paths.append(path)
-            if single:
-                outs[0][key] = value
-            else:
-                place(outs, key, path, value)
-            frozen = value._frozen
-            if frozen is None:
-                frozen = value._frozen_metadata()
-            return (VAR, type(value), idx, frozen)
-        if k == K_ARRAY:
-            leaves.append(value)
-            if paths is not None:
-                paths.append(path)
-            place(outs, key, path, value)
-            return (ARR,)
-        if k == K_OBJ and id(value) in seen:
-            idx = seen[id(value)]
-            refs.append(idx)
-            return (REF, idx)
-        if single:
-            sub = [{}]
-            enc = walk(value, path, sub, k)
-            if sub[0]:
-                outs[0][key] = sub[0]
-            return enc
-        sub = [{} for _ in range(n_states)]
-        enc = walk(value, path, sub, k)
-        for i in range(n_states):
-            if sub[i]:
-                outs[i][key] = sub[i]
-        return enc
-
-    def walk(value: Any, path: tuple, outs: list[dict], k: int) -> tuple:
-        if k == K_OBJ:
-            idx = seen[id(value)] = len(nodes)
-            nodes.append(value)
-            d = value.__dict__
-            st: ObjectState | None = d.get(_STATE_ATTR)
-            if st is not None:
-                st.tracked = True
-                snames_t, svals_t, dnames = layout(d, st, path)
-                static_names, data_names = st.static_names, st.data_names
-            else:
-                snames_t, svals_t, dnames = _classify(d, frozenset(), frozenset(), path)
-                static_names = data_names = frozenset()
-            dyn: list[tuple[Any, tuple]] = []
-            out0 = outs[0]
-            for name in dnames:
-                v = d[name]
-                kv = kind_table.get(type(v))
-                if kv is None:
-                    kv = kind_of(v)
-                if kv == K_VAR:  # inlined: the most common dynamic attribute
-                    vid = id(v)
-                    vidx = seen.get(vid)
-                    if vidx is None:
-                        vidx = seen[vid] = len(nodes)
-                        nodes.append(v)
-                        leaves.append(v)
-                        if paths is not None:
-                            paths.append(path + (name,))
-                        if single:
-                            out0[name] = v
-                        else:
-                            place(outs, name, path + (name,), v)
-                        frozen = v._frozen
-                        if frozen is None:
-                            frozen = v._frozen_metadata()
-                        dyn.append((name, (VAR, type(v), vidx, frozen)))
-                    else:
-                        refs.append(vidx)
-                        dyn.append((name, (REF, vidx)))
-                elif name in data_names and kv in (K_STATIC, K_OTHER, K_TUPLE) and v is not None:
-                    dyn.append((name, child(v, name, path + (name,), outs, K_ARRAY)))
-                elif kv == K_STATIC or kv == K_OTHER or name in static_names:
-                    # a static value under a dynamic name (the object's __dict__ was written
-                    # directly): still correct, encoded in place
-                    dyn.append((name, (STATIC, _hashable(v, path + (name,)))))
-                elif kv == K_TUPLE and all_static(v):
-                    dyn.append((name, (STATIC, v)))
-                elif kv == K_SKIP:
-                    continue
-                else:
-                    dyn.append((name, child(v, name, path + (name,), outs, kv)))
-            marks = (static_names, data_names) if static_names or data_names else None
-            return (OBJ, type(value), idx, snames_t, svals_t, tuple(dyn), marks)
-        if k == K_LIST or k == K_TUPLE:
-            if k == K_LIST:
-                snapshots.append((value, tuple(value)))
-            encs = []
-            for i, v in enumerate(value):
-                kv = kind_table.get(type(v))
-                if kv is None:
-                    kv = kind_of(v)
-                if kv == K_STATIC:
-                    encs.append((STATIC, v))
-                elif kv == K_OTHER:
-                    encs.append((STATIC, _hashable(v, path + (i,))))
-                else:
-                    encs.append(child(v, i, path + (i,), outs, kv))
-            return (LIST if k == K_LIST else TUPLE, tuple(encs))
-        if k == K_DICT or k == K_TREE:
-            if k == K_DICT:
-                snapshots.append((value, (*value, *value.values())))
-                keys = list(value)
-                children = list(value.values())
-            else:
-                treedef, keys, children = _tree_children(value)
-                if isinstance(value, State):  # its items live in one plain dict
-                    m = value._mapping
-                    snapshots.append((m, (*m, *m.values())))
-                elif not isinstance(value, tuple):  # mutable containers (OrderedDict, ...)
-                    snapshots.append((value, tuple(children)))
-            encs = []
-            for key, v in zip(keys, children):
-                kv = kind_table.get(type(v))
-                if kv is None:
-                    kv = kind_of(v)
-                if kv == K_STATIC:
-                    encs.append((STATIC, v))
-                elif kv == K_OTHER:
-                    encs.append((STATIC, _hashable(v, path + (key,))))
-                else:
-                    encs.append(child(v, key, path + (key,), outs, kv))
-            if k == K_DICT:
-                return (DICT, tuple(keys), tuple(encs))
-            return (TREE, treedef, tuple(keys), tuple(encs))
-        raise AssertionError(k)  # pragma: no cover
-
-    states: list[dict] = [{} for _ in range(n_states)]
-    k_root = kind_of(root)
-    if k_root in (K_VAR, K_ARRAY):
-        raise GraphStructureError(
-            f"Cannot split a bare {type(root).__name__}: the State needs a path for it. Wrap "
-            "it in a Module or a container, e.g. split([variable])."
-        )
-    if k_root in (K_STATIC, K_OTHER, K_SKIP):
-        enc = (STATIC, _hashable(root, ()))
-    else:
-        enc = walk(root, (), states, k_root)
-    if unmatched:
-        shown = ", ".join(repr(_path_str(p)) for p in unmatched[:5])
+    walker = _Walker(predicates, with_paths)
+    walker.run(root)
+    if walker.unmatched:
+        unmatched = walker.unmatched
+        shown = ", ".join(repr(path_str(p)) for p in unmatched[:5])
         more = f" (and {len(unmatched) - 5} more)" if len(unmatched) > 5 else ""
         raise FilterError(
             f"Non-exhaustive filters, got a non-empty remainder: {shown}{more} matched none of "
@@ -292,278 +290,213 @@ def flatten(
             "the last filter to collect the rest."
         )
     result = FlattenResult(
-        GraphDef(enc, len(leaves), len(nodes)), states, nodes, leaves, snapshots, len(refs)
+        GraphDef(tuple(walker.ops), len(walker.leaves), len(walker.nodes)),
+        walker.states,
+        walker.nodes,
+        walker.leaves,
+        walker.paths,
+        walker.num_refs,
     )
-    result.paths = paths
+    result.ref_targets = frozenset(walker.ref_targets)
+    result.witness = walker.witness
     return result
 
 
-def _sorted(keys: Any) -> tuple:
-    """Attribute names in canonical (sorted) order; mixed key types sort by type name first."""
-    try:
-        return tuple(sorted(keys))
-    except TypeError:
-        try:
-            return tuple(sorted(keys, key=lambda k: (type(k).__name__, k)))
-        except TypeError:
-            return tuple(keys)
+class _Walker:
+    """The state of one walk (a class, not closures: nothing of it outlives the walk)."""
 
+    def __init__(self, predicates: Sequence[Callable] | None, with_paths: bool):
+        self.predicates = predicates
+        self.single = predicates is None
+        self.n_states = 1 if predicates is None else len(predicates)
+        self.need_paths = with_paths or predicates is not None
+        self.paths: list[tuple] | None = [] if with_paths else None
+        self.seen: dict[int, int] = {}
+        self.nodes: list[Any] = []
+        self.leaves: list[Any] = []
+        self.ops: list[tuple] = []
+        self.unmatched: list[tuple] = []
+        self.ref_targets: set[int] = set()
+        self.num_refs = 0
+        self.witness = Witness()
+        self.states: list[dict] = [{} for _ in range(self.n_states)]
+        self.stack: list[tuple] = []
 
-def _classify(d: dict, static_names: frozenset, data_names: frozenset, path: tuple) -> tuple:
-    """Splits an object's attributes into sorted static names/values and dynamic names."""
-    statics = {}
-    dynamic = []
-    for name, v in d.items():
-        if name == _STATE_ATTR:
-            continue
-        if name in data_names:
-            dynamic.append(name)
-        elif name in static_names:
-            statics[name] = _hashable(v, (*path, name))
-        elif is_static_value(v):
-            statics[name] = v
-        else:
-            dynamic.append(name)
-    snames = _sorted(statics)
-    return snames, tuple(statics[n] for n in snames), _sorted(dynamic)
+    def place(self, outs: list[dict], key: Any, path: tuple, leaf: Any) -> None:
+        for i, pred in enumerate(self.predicates):  # type: ignore[arg-type]
+            if pred(path, leaf):
+                outs[i][key] = leaf
+                return
+        self.unmatched.append(path)
 
+    def path_to(self, key: Any) -> tuple:
+        """The path of the child ``key`` of the node on top of the stack (for error messages,
+        when the walk does not track paths)."""
+        return (*(frame[4] for frame in self.stack[1:]), key)
 
-def layout(d: dict, st: ObjectState, path: tuple) -> tuple:
-    """The object's (static names, static values, dynamic names), cached on its ObjectState.
+    def open(self, value: Any, k: int, path: tuple | None, key: Any = None) -> Any:
+        """Records the entry of a node or container; returns an iterator over its children.
 
-    Kinds are recorded on assignment (``ObjectState.record``); the cache is trusted while the
-    recorded tables account for every attribute.
-    """
-    lay = st.layout
-    statics, dynamic = st.statics, st.dynamic
-    if statics is not None and dynamic is not None and len(statics) + len(dynamic) + 1 == len(d):
-        if lay is None:
-            snames = _sorted(statics)
-            lay = st.layout = (snames, tuple(statics[n] for n in snames), _sorted(dynamic))
-        return lay
-    lay = _classify(d, st.static_names, st.data_names, path)
-    st.statics = dict(zip(lay[0], lay[1]))
-    st.dynamic = dict.fromkeys(lay[2])
-    st.shared = False
-    st.layout = lay
-    return lay
+        ``path`` is the node's path, or None when the walk does not track paths (the node is
+        then the child ``key`` of the node on top of the stack).
+        """
+        ops = self.ops
+        witness = self.witness
+        if k == K_OBJ:
+            self.seen[id(value)] = idx = len(self.nodes)
+            self.nodes.append(value)
+            d = value.__dict__
+            keys = tuple(d)
+            st = d.get(_STATE_ATTR)
+            if st is None:
+                witness.cacheable = False
+            else:
+                if keys[-1] != _STATE_ATTR:
+                    if st.tracked:  # a kept walk may depend on this order: record the keys
+                        witness.keyed.append((len(witness.objs), keys))
+                    else:
+                        # Put refax's entry last (no kept walk has seen this object yet): a
+                        # key added later lands after it, so renaming a key (pop + insert)
+                        # changes the order of the values a kept walk compares.
+                        d[_STATE_ATTR] = d.pop(_STATE_ATTR)
+                        keys = tuple(d)
+                st.tracked = True
+            vals = tuple(d.values())
+            lay = _layout(keys, vals, st)
+            if lay.check:
+                _check_hashable(vals, lay.check, keys, self.path_to(key) if path is None else path)
+            witness.objs.append(value)
+            witness.vals.append(vals)
+            marks = (
+                None
+                if st is None or not (st.static_names or st.data_names)
+                else (
+                    st.static_names,
+                    st.data_names,
+                )
+            )
+            ops.append((OBJ, type(value), idx, lay.snames, lay.statics(vals), lay.dnames, marks))
+            children = lay.dynamics(vals)
+            if lay.forced:
+                children = list(children)
+                for i in lay.forced:
+                    children[i] = _Forced(children[i])
+            return zip(lay.dnames, children)
+        if k == K_LIST:
+            snap = tuple(value)
+            witness.lists.append((value, snap))
+            ops.append((LIST, len(snap)))
+            return enumerate(snap)
+        if k == K_TUPLE:
+            ops.append((TUPLE, len(value)))
+            return enumerate(value)
+        if k == K_DICT:
+            keys = tuple(value)
+            vals = tuple(value.values())
+            witness.dicts.append((value, keys, vals))
+            ops.append((DICT, keys))
+            return zip(keys, vals)
+        treedef, keys, children = tree_children(value)
+        if isinstance(value, State):  # its items live in one plain dict
+            m = value._mapping
+            witness.dicts.append((m, tuple(m), tuple(m.values())))
+        elif not isinstance(value, tuple):  # mutable pytrees (OrderedDict, dataclasses, ...)
+            witness.trees.append((value, treedef, children))
+        ops.append((TREE, treedef, keys))
+        return zip(keys, children)
+
+    def run(self, root: Any) -> None:
+        k_root = kind_of(root)
+        if k_root in (K_VAR, K_ARRAY):
+            raise GraphStructureError(
+                f"Cannot split a bare {type(root).__name__}: the State needs a path for it. "
+                "Wrap it in a Module or a container, e.g. split([variable])."
+            )
+        if k_root in (K_STATIC, K_OTHER):  # (a root tuple is walked even when all static)
+            self.ops.append((STATIC, _hashable_static(root, ())))
+            return
+        single, need_paths, n_states = self.single, self.need_paths, self.n_states
+        seen, nodes, leaves, ops = self.seen, self.nodes, self.leaves, self.ops
+        paths, place, ref_targets = self.paths, self.place, self.ref_targets
+        kind_get = KIND.get
+        # frames: (children iterator, path, output dicts, parent's output dicts, key in parent)
+        stack = self.stack
+        stack.append((self.open(root, k_root, ()), (), self.states, None, None))
+        while stack:
+            it, path, outs, parent_outs, parent_key = stack[-1]
+            for key, v in it:
+                k = kind_get(type(v))
+                if k is None:
+                    k = kind_of(v)
+                if k == K_VAR:
+                    idx = seen.get(id(v))
+                    if idx is not None:
+                        self.num_refs += 1
+                        ref_targets.add(idx)
+                        ops.append((REF, idx))
+                        continue
+                    seen[id(v)] = idx = len(nodes)
+                    nodes.append(v)
+                    leaves.append(v)
+                    frozen = v._frozen
+                    if frozen is None:
+                        frozen = v._frozen_metadata()
+                    ops.append((VAR, type(v), idx, frozen))
+                    if single and paths is None:
+                        outs[0][key] = v
+                        continue
+                    vpath = path + (key,)
+                    if paths is not None:
+                        paths.append(vpath)
+                    if single:
+                        outs[0][key] = v
+                    else:
+                        place(outs, key, vpath, v)
+                    continue
+                if k == K_STATIC:
+                    ops.append((STATIC, v))
+                    continue
+                if k == K_ARRAY or k == _K_FORCED:
+                    if k == _K_FORCED:
+                        v = v.value
+                    leaves.append(v)
+                    ops.append(_ARR_ENTRY)
+                    if single and paths is None:
+                        outs[0][key] = v
+                        continue
+                    vpath = path + (key,)
+                    if paths is not None:
+                        paths.append(vpath)
+                    if single:
+                        outs[0][key] = v
+                    else:
+                        place(outs, key, vpath, v)
+                    continue
+                if k == K_OBJ:
+                    idx = seen.get(id(v))
+                    if idx is not None:
+                        self.num_refs += 1
+                        ref_targets.add(idx)
+                        ops.append((REF, idx))
+                        continue
+                elif k == K_OTHER:
+                    try:
+                        hash(v)
+                    except TypeError:
+                        _hashable_static(v, self.path_to(key))
+                    ops.append((STATIC, v))
+                    continue
+                child_path = path + (key,) if need_paths else None
+                child_outs = [{}] if single else [{} for _ in range(n_states)]
+                stack.append((self.open(v, k, child_path, key), child_path, child_outs, outs, key))
+                break
+            else:
+                stack.pop()
+                if parent_outs is not None:
+                    for i in range(n_states):
+                        if outs[i]:
+                            parent_outs[i][parent_key] = outs[i]
 
 
 def _filter_name(f: Any) -> str:
     return f.__name__ if isinstance(f, type) else repr(f)
-
-
-def _hashable(value: Any, path: tuple) -> Any:
-    try:
-        hash(value)
-    except TypeError:
-        raise UnhashableStaticError(
-            f"Static attribute '{_path_str(path)}' holds an unhashable "
-            f"{type(value).__name__}: static values go into the GraphDef and must be hashable. "
-            "Use a hashable type (e.g. a tuple), or store arrays in a Variable or wrap the value "
-            "with nnx.data(...)."
-        ) from None
-    return value
-
-
-def snapshots_valid(snapshots: list[tuple[Any, tuple]]) -> bool:
-    """True when no container seen by a walk was changed since (identity comparison)."""
-    for container, snap in snapshots:
-        t = type(container)
-        if t is list:
-            now = tuple(container)
-        elif t is dict:
-            now = (*container, *container.values())
-        else:
-            try:
-                now = tuple(_tree_children(container)[2])
-            except Exception:
-                return False
-        if len(now) != len(snap) or not all(map(operator.is_, now, snap)):
-            return False
-    return True
-
-
-# -- unflatten -------------------------------------------------------------------------------
-def _as_dict(state: Any) -> Any:
-    """The nested dict behind a State (dicts pass through; leaves are returned unchanged)."""
-    if type(state) is dict:
-        return state
-    if isinstance(state, State):
-        return state._mapping
-    return state
-
-
-def merge_dicts(dicts: Sequence[Any]) -> Any:
-    """Deep-merges nested state dicts (later wins); returns the first when there is one."""
-    dicts = [_as_dict(d) for d in dicts]
-    if len(dicts) == 1:
-        return dicts[0]
-    out: dict = {}
-    for d in dicts:
-        _merge_into(out, d)
-    return out
-
-
-def _merge_into(out: dict, d: Any) -> None:
-    for k, v in d.items():
-        v = _as_dict(v)
-        if type(v) is dict:
-            sub = out.get(k)
-            if type(sub) is not dict:
-                sub = out[k] = {}
-            _merge_into(sub, v)
-        else:
-            out[k] = v
-
-
-def unflatten(
-    graphdef: GraphDef,
-    state: Any,
-    *,
-    copy_variables: bool = False,
-    existing: dict[int, Any] | None = None,
-    flat: bool = False,
-    nodes_out: list[Any] | None = None,
-) -> Any:
-    """Builds the graph described by ``graphdef``, taking leaves from the nested ``state`` dict.
-
-    Args:
-      graphdef: the structure.
-      state: a nested dict (or State) of leaves keyed like the graph's paths; with
-        ``flat=True``, a sequence of leaves in walk order (as ``flatten`` lists them).
-      copy_variables: build new Variables even when the state holds Variables.
-      existing: node index -> object to update in place instead of creating a new one.
-      nodes_out: if given, receives the built nodes by index.
-    """
-    nodes: list[Any] = [None] * graphdef.num_nodes if nodes_out is None else nodes_out
-    if nodes_out is not None:
-        nodes_out[:] = [None] * graphdef.num_nodes
-    leaf_iter = iter(state) if flat else None
-    changed = [False]
-    trace = current_trace()
-
-    def extra_keys(sub: Any, expected: list, path: tuple) -> None:
-        extra = [k for k in sub if k not in expected]
-        if extra:
-            shown = ", ".join(repr(_path_str((*path, k))) for k in extra[:5])
-            raise GraphStructureError(
-                f"The State does not fit the GraphDef: it has values at {shown} that the "
-                "GraphDef does not use. Pass the States that split() returned for this "
-                "GraphDef."
-            )
-
-    def missing(path: tuple, what: str) -> GraphStructureError:
-        return GraphStructureError(
-            f"The State does not fit the GraphDef: no value for {what} at "
-            f"'{_path_str(path)}'. Pass every State that split() returned for this GraphDef."
-        )
-
-    def leaf_value(sub: Any) -> Any:
-        return sub._raw_value if isinstance(sub, Variable) else sub
-
-    def build(enc: tuple, sub: Any, path: tuple) -> Any:
-        op = enc[0]
-        if op == STATIC:
-            return enc[1]
-        if op == REF:
-            return nodes[enc[1]]
-        if op == VAR:
-            if leaf_iter is not None:
-                sub = next(leaf_iter)
-            if sub is _MISSING:
-                raise missing(path, f"{enc[1].__name__} Variable")
-            idx = enc[2]
-            target = existing.get(idx) if existing is not None else None
-            if target is not None:
-                if target is not sub:
-                    _set_raw(target, leaf_value(sub))
-                    if target._var_metadata != enc[3].mapping:
-                        _set_meta(target, dict(enc[3].mapping))
-                        _set_frozen(target, None)
-                        changed[0] = True
-                var = target
-            elif isinstance(sub, Variable) and not copy_variables:
-                var = sub
-            else:
-                var = enc[1]._from_parts(leaf_value(sub), enc[3].mapping, enc[3])
-            nodes[idx] = var
-            return var
-        if op == ARR:
-            if leaf_iter is not None:
-                sub = next(leaf_iter)
-            if sub is _MISSING:
-                raise missing(path, "an array")
-            return leaf_value(sub)
-        if op == OBJ:
-            cls, idx, snames, svals, dyn, marks = enc[1:]
-            target = existing.get(idx) if existing is not None else None
-            if target is not None:
-                obj = target
-                target.__dict__[_STATE_ATTR].invalidate()
-            else:
-                obj = object.__new__(cls)
-                dnames = tuple(name for name, _ in dyn)
-                st = obj.__dict__[_STATE_ATTR] = ObjectState._fresh(
-                    trace, dict(zip(snames, svals)), dict.fromkeys(dnames), (snames, svals, dnames)
-                )
-                if marks is not None:
-                    st.static_names, st.data_names = marks
-            nodes[idx] = obj
-            sub = _as_dict(sub) if sub is not _MISSING else _EMPTY
-            values = dict(zip(snames, svals))
-            found = 0
-            for name, c in dyn:
-                v = sub.get(name, _MISSING)
-                if v is not _MISSING:
-                    found += 1
-                values[name] = build(c, v, path + (name,))
-            if found != len(sub) and leaf_iter is None:
-                extra_keys(sub, [name for name, _ in dyn], path)
-            d = obj.__dict__
-            if target is not None:
-                for name in [n for n in d if n != _STATE_ATTR and n not in values]:
-                    del d[name]
-                    changed[0] = True
-                for name, v in values.items():
-                    if d.get(name, _MISSING) is not v:
-                        d[name] = v
-                        changed[0] = True
-            else:
-                d.update(values)
-            return obj
-        sub = _as_dict(sub) if sub is not _MISSING else _EMPTY
-        if op == LIST or op == TUPLE:
-            keys, encs = range(len(enc[1])), enc[1]
-        elif op == DICT:
-            keys, encs = enc[1], enc[2]
-        elif op == TREE:
-            keys, encs = enc[2], enc[3]
-        else:  # pragma: no cover
-            raise GraphStructureError(f"Corrupt GraphDef entry {enc!r}")
-        if sub and leaf_iter is None:
-            extra_keys(sub, list(keys), path)
-        out = [build(c, sub.get(k, _MISSING), path + (k,)) for k, c in zip(keys, encs)]
-        if op == LIST:
-            return out
-        if op == TUPLE:
-            return tuple(out)
-        if op == DICT:
-            return dict(zip(keys, out))
-        return jax.tree_util.tree_unflatten(enc[1], out)
-
-    root_enc = graphdef.root
-    if root_enc[0] in (VAR, ARR):
-        raise GraphStructureError("A GraphDef of a bare Variable or array cannot be merged.")
-    out = build(root_enc, _MISSING if flat else state, ())
-    if changed[0]:
-        bump_epoch()
-    return out
-
-
-class _Empty(dict):
-    def get(self, key: Any, default: Any = None) -> Any:
-        return default
-
-
-_EMPTY = _Empty()

@@ -1,20 +1,26 @@
 """GraphDef: the static, hashable description of an object graph.
 
-A GraphDef is an immutable nested-tuple *encoding* of the graph produced by one depth-first walk
-(see ``_flatten.py``). Each entry is a small tuple whose first element is an opcode:
+A GraphDef is a **flat** tuple of small entries (``ops``), the graph's nodes in the pre-order
+of one depth-first walk (see ``_flatten.py``): every entry is followed by the entries of its
+children, so the nesting is implied by the entries' arities and no tuple is nested more than
+two levels deep. Equality, hashing and pickling therefore cost the same for a chain of ten
+thousand Modules as for a wide model, and never hit Python's recursion limit.
+
+Each entry is a tuple whose first element is an opcode:
 
 =========================================  ==================================================
-``(OBJ, cls, index, names, values, dyn,    first visit of an Object: static attribute names
-marks)``                                   and values, ``((name, enc), ...)`` for the rest
-                                           (names sorted), and the ``nnx.static``/``nnx.data``
-                                           marks (``None`` when there are none)
+``(OBJ, cls, index, snames, svals,         first visit of an Object: its static attributes
+dnames, marks)``                           (sorted names and values), the names of its other
+                                           attributes (sorted; one child entry each follows)
+                                           and the ``nnx.static``/``nnx.data`` marks (``None``
+                                           when there are none)
 ``(VAR, cls, index, metadata)``            first visit of a Variable; consumes one leaf
 ``(REF, index)``                           a later visit of the node with that index
 ``(ARR,)``                                 a raw array attribute; consumes one leaf
 ``(STATIC, value)``                        a hashable static value
-``(LIST, (enc, ...))``                     a list; same for ``TUPLE``
-``(DICT, (key, ...), (enc, ...))``         a dict (keys sorted when sortable)
-``(TREE, treedef, (key, ...), (enc, ...))`` any other registered JAX pytree, one level deep
+``(LIST, n)`` / ``(TUPLE, n)``             a list / tuple; ``n`` child entries follow
+``(DICT, keys)``                           a dict; one child entry per key follows
+``(TREE, treedef, keys)``                  any other registered JAX pytree, one level deep
 =========================================  ==================================================
 
 Node indices count Objects and Variables in first-visit order, so shared references and cycles
@@ -24,12 +30,58 @@ hashing run in C; the hash is cached.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import jax
 
 OBJ, VAR, REF, ARR, STATIC, LIST, TUPLE, DICT, TREE = range(9)
 _OPNAMES = ("OBJ", "VAR", "REF", "ARR", "STATIC", "LIST", "TUPLE", "DICT", "TREE")
+
+
+def arity(entry: tuple) -> int:
+    """How many child entries follow ``entry``."""
+    op = entry[0]
+    if op == OBJ:
+        return len(entry[5])
+    if op == LIST or op == TUPLE:
+        return entry[1]
+    if op == DICT:
+        return len(entry[1])
+    if op == TREE:
+        return len(entry[2])
+    return 0
+
+
+def entry_keys(entry: tuple) -> tuple:
+    """The keys of the children of ``entry`` (attribute names, indices or dict keys)."""
+    op = entry[0]
+    if op == OBJ:
+        return entry[5]
+    if op == LIST or op == TUPLE:
+        return tuple(range(entry[1]))
+    if op == DICT:
+        return entry[1]
+    if op == TREE:
+        return entry[2]
+    return ()
+
+
+def skip(ops: tuple, i: int) -> int:
+    """The position just after the subtree whose entry is at ``i``."""
+    pending = 1
+    while pending:
+        pending += arity(ops[i]) - 1
+        i += 1
+    return i
+
+
+def children(ops: tuple, i: int) -> Iterator[int]:
+    """The positions of the child entries of the entry at ``i``."""
+    j = i + 1
+    for _ in range(arity(ops[i])):
+        yield j
+        j = skip(ops, j)
 
 
 class GraphDef:
@@ -39,15 +91,15 @@ class GraphDef:
     (equal GraphDefs share compilations).
 
     Attributes:
-      root: the encoded root node (see module docs).
+      ops: the encoded graph, a flat tuple of entries in pre-order (see module docs).
       num_leaves: how many state leaves (Variables and raw arrays) the graph holds.
       num_nodes: how many graph nodes (Objects and Variables) the graph holds.
     """
 
-    __slots__ = ("root", "num_leaves", "num_nodes", "_hash", "_plan")
+    __slots__ = ("ops", "num_leaves", "num_nodes", "_hash", "_plan", "__weakref__")
 
-    def __init__(self, root: tuple, num_leaves: int, num_nodes: int):
-        self.root = root
+    def __init__(self, ops: tuple, num_leaves: int, num_nodes: int):
+        self.ops = ops
         self.num_leaves = num_leaves
         self.num_nodes = num_nodes
         self._hash: int | None = None
@@ -56,7 +108,7 @@ class GraphDef:
     def __hash__(self) -> int:
         h = self._hash
         if h is None:
-            h = self._hash = hash((self.root, self.num_leaves))
+            h = self._hash = hash((self.ops, self.num_leaves))
         return h
 
     def __eq__(self, other: object) -> bool:
@@ -66,12 +118,13 @@ class GraphDef:
             return NotImplemented
         if self.num_leaves != other.num_leaves or hash(self) != hash(other):
             return False
-        return self.root == other.root
+        return self.ops == other.ops
 
     @property
     def type(self) -> type | None:
         """The class of the root node (None when the root is a container)."""
-        return self.root[1] if self.root[0] in (OBJ, VAR) else None
+        root = self.ops[0]
+        return root[1] if root[0] in (OBJ, VAR) else None
 
     def apply(self, state: Any, *states: Any) -> Any:
         """Returns a proxy: ``graphdef.apply(state)(x)`` or ``.method(x)`` runs functionally.
@@ -83,44 +136,53 @@ class GraphDef:
         return _CallProxy(self, (state, *states))
 
     def __repr__(self) -> str:
-        lines: list[str] = []
-        _render(self.root, "", lines, "")
-        body = "\n".join("  " + ln for ln in lines)
+        body = "\n".join("  " + line for line in render(self.ops))
         return f"GraphDef(num_nodes={self.num_nodes}, num_leaves={self.num_leaves},\n{body}\n)"
 
     def __reduce__(self):
-        return (GraphDef, (self.root, self.num_leaves, self.num_nodes))
+        return (GraphDef, (self.ops, self.num_leaves, self.num_nodes))
 
 
-def _render(enc: tuple, label: str, out: list[str], indent: str) -> None:
-    op = enc[0]
-    prefix = f"{indent}{label}"
-    if op == OBJ:
-        out.append(f"{prefix}{enc[1].__name__}[{enc[2]}](")
-        for name, value in zip(enc[3], enc[4]):
-            out.append(f"{indent}  {name}={value!r}")
-        for name, child in enc[5]:
-            _render(child, f"{name}=", out, indent + "  ")
-        out.append(f"{indent})")
-    elif op == VAR:
-        out.append(f"{prefix}{enc[1].__name__}[{enc[2]}]")
-    elif op == REF:
-        out.append(f"{prefix}<ref {enc[1]}>")
-    elif op == ARR:
-        out.append(f"{prefix}<array>")
-    elif op == STATIC:
-        out.append(f"{prefix}{enc[1]!r}")
-    elif op in (LIST, TUPLE):
-        out.append(f"{prefix}{'[' if op == LIST else '('}")
-        for i, child in enumerate(enc[1]):
-            _render(child, f"{i}: ", out, indent + "  ")
-        out.append(f"{indent}{']' if op == LIST else ')'}")
-    else:
-        keys, children = (enc[1], enc[2]) if op == DICT else (enc[2], enc[3])
-        out.append(f"{prefix}{'{' if op == DICT else 'pytree{'}")
-        for k, child in zip(keys, children):
-            _render(child, f"{k!r}: ", out, indent + "  ")
-        out.append(f"{indent}}}")
+def render(ops: tuple) -> list[str]:
+    """One line per entry, indented by depth (an iterative walk: any depth renders)."""
+    lines: list[str] = []
+    # stack of (remaining children, keys iterator, closing text) of the open containers
+    stack: list[list[Any]] = []
+    for entry in ops:
+        label = ""
+        if stack:
+            top = stack[-1]
+            key = next(top[1])
+            label = f"{key}=" if top[3] == "attr" else f"{key!r}: "
+            top[0] -= 1
+        indent = "  " * len(stack)
+        op = entry[0]
+        if op == OBJ:
+            lines.append(f"{indent}{label}{entry[1].__name__}[{entry[2]}](")
+            lines.extend(f"{indent}  {n}={v!r}" for n, v in zip(entry[3], entry[4]))
+            opening = (")", "attr")
+        elif op == VAR:
+            lines.append(f"{indent}{label}{entry[1].__name__}[{entry[2]}]")
+            opening = None
+        elif op == REF:
+            lines.append(f"{indent}{label}<ref {entry[1]}>")
+            opening = None
+        elif op == ARR:
+            lines.append(f"{indent}{label}<array>")
+            opening = None
+        elif op == STATIC:
+            lines.append(f"{indent}{label}{entry[1]!r}")
+            opening = None
+        else:
+            brackets = {LIST: "[]", TUPLE: "()", DICT: "{}", TREE: "{}"}[op]
+            lines.append(f"{indent}{label}{'pytree' if op == TREE else ''}{brackets[0]}")
+            opening = (brackets[1], "key")
+        if opening is not None:
+            stack.append([arity(entry), iter(entry_keys(entry)), opening[0], opening[1]])
+        while stack and stack[-1][0] == 0:
+            closing = stack.pop()[2]
+            lines.append("  " * len(stack) + closing)
+    return lines
 
 
 # A GraphDef is a pytree with no leaves, so it can be passed straight through jax.jit & co.

@@ -1,22 +1,35 @@
-"""Merge plans: a GraphDef compiled once into nested closures that rebuild fresh objects.
+"""Merge plans: a GraphDef compiled once into a flat list of steps that rebuild fresh objects.
 
-``unflatten`` interprets a GraphDef entry by entry, tracking paths for error messages. Merging
-the same GraphDef again and again (functional training loops, ``call``) deserves better: the
-plan resolves every opcode once, pre-builds each Object's static attributes as a dict, and
-leaves only the dynamic work (creating objects, picking leaves out of the State) for each
-call. On any mismatch the plan gives up (``_Mismatch``) and the caller reruns the interpreter,
-which produces the precise error message.
+``unflatten`` interprets a GraphDef entry by entry and knows how to explain a mismatch.
+Merging the same GraphDef again and again (functional training loops, ``call``, ``clone``)
+deserves less work per entry: the plan resolves every opcode once, pre-builds each Object's
+static attributes as a dict, and handles the Variables of an Object inside the Object's own
+step, so a step runs per Object or container, not per entry. Steps run in pre-order with an
+explicit stack (any depth works). On any mismatch the plan gives up (``_Mismatch``) and the
+caller reruns the interpreter, which produces the precise error message.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import jax
 
-from refax._graph._graphdef import ARR, DICT, LIST, OBJ, REF, STATIC, TUPLE, VAR, GraphDef
-from refax._object import ObjectState
+from refax._graph._graphdef import (
+    ARR,
+    DICT,
+    LIST,
+    OBJ,
+    REF,
+    STATIC,
+    TREE,
+    TUPLE,
+    VAR,
+    GraphDef,
+    arity,
+    entry_keys,
+)
+from refax._object import new_object_state
 from refax._statelib import State
 from refax._tracers import current_trace
 from refax._variables import Variable
@@ -24,28 +37,112 @@ from refax._variables import Variable
 _STATE_ATTR = "_pytree__state"
 _MISSING = object()
 _new = object.__new__
-_fresh_state = ObjectState._fresh
+
+# step kinds
+_S_OBJ, _S_LIST, _S_DICT, _S_BUILD, _S_REF, _S_LEAF = range(6)
 
 
 class _Mismatch(Exception):
     """The State does not fit the plan; rerun the interpreter for a precise error."""
 
 
-class _Ctx:
-    __slots__ = ("nodes", "trace", "copy")
+class _ObjStep:
+    """Builds one Object: its attributes' order, statics and Variables at once; its other
+    children (sub-Objects, containers, references) by the steps that follow."""
 
-    def __init__(self, n: int, copy: bool):
-        self.nodes: list[Any] = [None] * n
-        self.trace = current_trace()
-        self.copy = copy
+    __slots__ = ("cls", "idx", "template", "variables", "arrays", "n_found", "marks")
+
+    def __init__(self, entry: tuple, child_entries: list[tuple]):
+        _, self.cls, self.idx, snames, svals, dnames, self.marks = entry
+        # every attribute in the interpreter's order (statics, then the rest, each sorted);
+        # values not known in advance are filled in by this step or the next ones
+        self.template = dict(zip(snames, svals))
+        variables, arrays = [], []
+        for name, c in zip(dnames, child_entries):
+            op = c[0]
+            self.template[name] = c[1] if op == STATIC else None
+            if op == VAR:
+                variables.append((name, c[1]._from_parts, c[2], c[3]))
+            elif op == ARR:
+                arrays.append(name)
+        self.variables = tuple(variables)
+        self.arrays = tuple(arrays)
+        self.n_found = len(variables) + len(arrays)  # state keys this step itself consumes
 
 
-Builder = Callable[[Any, _Ctx], Any]
+def _compile(ops: tuple) -> list[tuple]:
+    """The steps of a GraphDef, in pre-order: ``(kind, data, child step count, keys)``."""
+    # the direct children of each entry, found with one pass and a stack
+    kids: dict[int, list[int]] = {}
+    stack: list[list[int]] = []  # [entry position, children left]
+    for j, entry in enumerate(ops):
+        if stack:
+            kids[stack[-1][0]].append(j)
+            stack[-1][1] -= 1
+        if arity(entry):
+            kids[j] = []
+            stack.append([j, arity(entry)])
+        while stack and stack[-1][1] == 0:
+            stack.pop()
+    folded: set[int] = set()  # entries handled by their Object's step
+    steps: list[tuple] = []
+    for j, entry in enumerate(ops):
+        if j in folded:
+            continue
+        op = entry[0]
+        if op == OBJ:
+            children = kids.get(j, [])
+            step = _ObjStep(entry, [ops[c] for c in children])
+            names = []
+            for name, c in zip(entry[5], children):
+                if ops[c][0] in (VAR, ARR, STATIC):
+                    folded.add(c)
+                else:
+                    names.append(name)
+            steps.append((_S_OBJ, step, len(names), tuple(names)))
+        elif op == REF:
+            steps.append((_S_REF, entry[1], 0, ()))
+        elif op == LIST:
+            steps.append((_S_LIST, None, entry[1], entry_keys(entry)))
+        elif op == DICT:
+            steps.append((_S_DICT, None, len(entry[1]), entry[1]))
+        elif op in (TUPLE, TREE):
+            steps.append((_S_BUILD, entry, arity(entry), entry_keys(entry)))
+        else:  # a Variable, array or static value inside a container
+            steps.append((_S_LEAF, entry, 0, ()))
+    return steps
+
+
+def plan_for(graphdef: GraphDef) -> list[tuple]:
+    """The compiled steps of ``graphdef`` (compiled on first use, then cached on it)."""
+    plan = graphdef._plan
+    if plan is None:
+        plan = graphdef._plan = _compile(graphdef.ops)
+    return plan
+
+
+class _Frame:
+    """A node whose child steps are running."""
+
+    __slots__ = ("holder", "sub", "keys", "i", "n", "found", "out", "entry", "marks")
+
+    def __init__(self, holder: Any, sub: dict, keys: tuple, n: int, found: int = 0):
+        self.holder = holder  # an Object's __dict__, a list or dict; None: built when done
+        self.sub = sub  # the node's nested state dict
+        self.keys = keys
+        self.i = 0
+        self.n = n
+        self.found = found  # keys of ``sub`` used so far
+        self.out: list[Any] | None = None  # children of a tuple / pytree built when done
+        self.entry: tuple | None = None
+        self.marks: Any = _MISSING  # an Object's marks: it gets its bookkeeping entry last
 
 
 def _sub_dict(sub: Any) -> dict:
     if type(sub) is dict:
         return sub
+    if sub is _MISSING:
+        return _NO_STATE
     if isinstance(sub, State):
         return sub._mapping
     raise _Mismatch
@@ -54,143 +151,115 @@ def _sub_dict(sub: Any) -> dict:
 _NO_STATE: dict = {}
 
 
-def _compile(enc: tuple, referenced: frozenset[int]) -> Builder:
-    op = enc[0]
-    if op == STATIC:
-        value = enc[1]
-        return lambda sub, ctx: value
-    if op == REF:
-        idx = enc[1]
-        return lambda sub, ctx: ctx.nodes[idx]
-    if op == VAR:
-        cls, idx, frozen = enc[1], enc[2], enc[3]
-        meta = frozen.mapping
-        from_parts = cls._from_parts
-
-        def build_var(sub: Any, ctx: _Ctx) -> Any:
-            if isinstance(sub, Variable):
-                var = from_parts(sub._raw_value, meta, frozen) if ctx.copy else sub
-            elif sub is _MISSING or type(sub) is dict:
-                raise _Mismatch
-            else:
-                var = from_parts(sub, meta, frozen)
-            ctx.nodes[idx] = var
-            return var
-
-        return build_var
-    if op == ARR:
-
-        def build_arr(sub: Any, ctx: _Ctx) -> Any:
-            if sub is _MISSING or type(sub) is dict:
-                raise _Mismatch
-            return sub._raw_value if isinstance(sub, Variable) else sub
-
-        return build_arr
-    if op == OBJ:
-        return _compile_object(enc, referenced)
-    if op in (LIST, TUPLE):
-        keys, encs = tuple(range(len(enc[1]))), enc[1]
-    elif op == DICT:
-        keys, encs = enc[1], enc[2]
-    else:
-        keys, encs = enc[2], enc[3]
-    children = tuple(zip(keys, [_compile(c, referenced) for c in encs]))
-    dynamic = sum(1 for c in encs if c[0] not in (STATIC, REF))
-
-    def build_children(sub: Any, ctx: _Ctx) -> list:
-        d = _sub_dict(sub) if sub is not _MISSING else {}
-        if len(d) > dynamic:
-            raise _Mismatch
-        return [f(d.get(k, _MISSING), ctx) for k, f in children]
-
-    if op == LIST:
-        return build_children
-    if op == TUPLE:
-        return lambda sub, ctx: tuple(build_children(sub, ctx))
-    if op == DICT:
-        return lambda sub, ctx: dict(zip(keys, build_children(sub, ctx)))
-    treedef = enc[1]
-    return lambda sub, ctx: jax.tree_util.tree_unflatten(treedef, build_children(sub, ctx))
-
-
-def _referenced(enc: Any, out: set[int]) -> set[int]:
-    """The node indices some REF entry points to (only those need recording while building)."""
-    if type(enc) is tuple and enc:
-        if enc[0] == REF and len(enc) == 2 and type(enc[1]) is int:
-            out.add(enc[1])
-            return out
-        for item in enc:
-            if type(item) is tuple:
-                _referenced(item, out)
-    return out
-
-
-def _compile_object(enc: tuple, referenced: frozenset[int]) -> Builder:
-    cls, idx, snames, svals, dyn, marks = enc[1:]
-    statics = dict(zip(snames, svals))
-    # Variable children are the common case: handled inline, without a call per child.
-    var_children: list[tuple[str, type, int, Any]] = []
-    other_children: list[tuple[str, Builder]] = []
-    for name, c in dyn:
-        if c[0] == VAR:
-            var_children.append((name, c[1]._from_parts, c[2] in referenced, c[2], c[3]))
+def run_plan(graphdef: GraphDef, state: Any, copy: bool) -> Any:
+    """Builds fresh objects from the nested ``state``; raises ``_Mismatch`` if it does not
+    fit."""
+    nodes: list[Any] = [None] * graphdef.num_nodes
+    trace = current_trace()
+    stack: list[_Frame] = []
+    result: Any = _MISSING
+    for kind, data, n_children, keys in plan_for(graphdef):
+        if stack:
+            parent = stack[-1]
+            key = parent.keys[parent.i]
+            parent.i += 1
+            sub = parent.sub.get(key, _MISSING)
+            if sub is not _MISSING:
+                parent.found += 1
         else:
-            other_children.append((name, _compile(c, referenced)))
-    var_children_t = tuple(var_children)
-    other_children_t = tuple(other_children)
-    n_state_keys = sum(1 for _, c in dyn if c[0] not in (STATIC, REF))
-    dnames = tuple(name for name, _ in dyn)
-    dyn_template = dict.fromkeys(dnames)
-    layout = (snames, svals, dnames)
-
-    store_self = idx in referenced
-
-    def build_obj(sub: Any, ctx: _Ctx) -> Any:
-        obj = _new(cls)
-        if store_self:
-            ctx.nodes[idx] = obj
-        d = obj.__dict__
-        st = d[_STATE_ATTR] = _fresh_state(ctx.trace, statics, dyn_template, layout)
-        if marks is not None:
-            st.static_names, st.data_names = marks
-        d.update(statics)
-        if type(sub) is dict:
-            s = sub
-        elif sub is _MISSING:
-            s = _NO_STATE
-        else:
+            parent, key, sub = None, None, state
+        if kind == _S_OBJ:
+            obj = _new(data.cls)
+            nodes[data.idx] = obj
+            d = obj.__dict__
+            d.update(data.template)
             s = _sub_dict(sub)
-        if len(s) > n_state_keys:
-            raise _Mismatch
-        copy = ctx.copy
-        for name, from_parts, store, vidx, frozen in var_children_t:
-            leaf = s.get(name, _MISSING)
-            if isinstance(leaf, Variable):
-                if copy:
-                    leaf = from_parts(leaf._raw_value, frozen.mapping, frozen)
-            elif leaf is _MISSING or type(leaf) is dict:
-                raise _Mismatch
+            for name, from_parts, idx, frozen in data.variables:
+                leaf = s.get(name, _MISSING)
+                if isinstance(leaf, Variable):
+                    if copy:
+                        leaf = from_parts(leaf._raw_value, frozen.mapping, frozen)
+                elif leaf is _MISSING or type(leaf) is dict:
+                    raise _Mismatch
+                else:
+                    leaf = from_parts(leaf, frozen.mapping, frozen)
+                nodes[idx] = leaf
+                d[name] = leaf
+            for name in data.arrays:
+                leaf = s.get(name, _MISSING)
+                if leaf is _MISSING or type(leaf) is dict:
+                    raise _Mismatch
+                d[name] = leaf._raw_value if isinstance(leaf, Variable) else leaf
+            value = obj
+            if n_children:
+                frame = _Frame(d, s, keys, n_children, data.n_found)
+                frame.marks = data.marks
+                stack.append(frame)
             else:
-                leaf = from_parts(leaf, frozen.mapping, frozen)
-            if store:
-                ctx.nodes[vidx] = leaf
-            d[name] = leaf
-        for name, f in other_children_t:
-            d[name] = f(s.get(name, _MISSING), ctx)
-        return obj
+                if len(s) != data.n_found:
+                    raise _Mismatch
+                d[_STATE_ATTR] = new_object_state(trace, data.marks)
+        elif kind == _S_REF:
+            value = nodes[data]
+        elif kind == _S_LEAF:
+            value = _leaf(data, sub, nodes, copy)
+        elif kind == _S_LIST or kind == _S_DICT:
+            value = [] if kind == _S_LIST else {}
+            stack.append(_Frame(value, _sub_dict(sub), keys, n_children))
+        else:  # a tuple or another pytree, built once its children are
+            frame = _Frame(None, _sub_dict(sub), keys, n_children)
+            frame.out, frame.entry = [], data
+            stack.append(frame)
+            value = _MISSING
+        if value is not _MISSING:
+            if parent is None:
+                result = value
+            else:
+                _place(parent, key, value)
+        while stack and stack[-1].i == stack[-1].n:
+            done = stack.pop()
+            if done.found != len(done.sub):
+                raise _Mismatch
+            if done.marks is not _MISSING:  # an Object: refax's entry goes last
+                done.holder[_STATE_ATTR] = new_object_state(trace, done.marks)
+            elif done.out is not None:
+                entry = done.entry
+                if entry[0] == TUPLE:
+                    value = tuple(done.out)
+                else:
+                    value = jax.tree_util.tree_unflatten(entry[1], done.out)
+                if stack:
+                    parent = stack[-1]
+                    _place(parent, parent.keys[parent.i - 1], value)
+                else:
+                    result = value
+    if result is _MISSING:  # pragma: no cover - a GraphDef always has a root
+        raise _Mismatch
+    return result
 
-    return build_obj
+
+def _place(frame: _Frame, key: Any, value: Any) -> None:
+    holder = frame.holder
+    if holder is None:
+        frame.out.append(value)  # type: ignore[union-attr]
+    elif type(holder) is list:
+        holder.append(value)
+    else:
+        holder[key] = value
 
 
-def plan_for(graphdef: GraphDef) -> Builder:
-    """The compiled builder of ``graphdef`` (compiled on first use, then cached on it)."""
-    plan = graphdef._plan
-    if plan is None:
-        referenced = frozenset(_referenced(graphdef.root, set()))
-        plan = graphdef._plan = _compile(graphdef.root, referenced)
-    return plan
-
-
-def run_plan(graphdef: GraphDef, state: dict, copy: bool) -> Any:
-    """Builds fresh objects from ``state``; raises ``_Mismatch`` if it does not fit."""
-    return plan_for(graphdef)(state, _Ctx(graphdef.num_nodes, copy))
+def _leaf(entry: tuple, sub: Any, nodes: list[Any], copy: bool) -> Any:
+    op = entry[0]
+    if op == STATIC:
+        return entry[1]
+    if sub is _MISSING or type(sub) is dict:
+        raise _Mismatch
+    if op == ARR:
+        return sub._raw_value if isinstance(sub, Variable) else sub
+    frozen = entry[3]
+    if isinstance(sub, Variable):
+        var = entry[1]._from_parts(sub._raw_value, frozen.mapping, frozen) if copy else sub
+    else:
+        var = entry[1]._from_parts(sub, frozen.mapping, frozen)
+    nodes[entry[2]] = var
+    return var

@@ -30,6 +30,7 @@ from typing import Any
 
 import jax
 
+from refax._graph._unflatten import nest_leaves
 from refax._object import Pytree
 from refax._statelib import State
 from refax._transforms._jit import _input_leaves, check_not_bound_method
@@ -183,6 +184,9 @@ def _fill(mask: tuple, a: list, base: list) -> list:
     return [next(ia) if m else x for m, x in zip(mask, base)]
 
 
+_NO_GRAD = object()  # a leaf that is not differentiated
+
+
 def _assemble(
     args: tuple,
     inputs: Any,
@@ -196,20 +200,16 @@ def _assemble(
 ) -> list[Any]:
     """Per argnum: the argument's pytree with objects replaced by States of their gradients."""
     walk = inputs.walk
-    # gradient States per argument node (by node position among the call's nodes)
-    node_grads: dict[int, dict] = {}
+    # gradient States per argument node (by node position among the call's nodes), nested
+    # like the walk in one pass over its GraphDef (any depth)
     g_iter = iter(g_dv)
-    for leaf, path, m in zip(walk.leaves, walk.paths, value_mask):
-        if not m:
-            continue
-        g = next(g_iter)
-        d = node_grads.setdefault(path[0], {})
-        for key in path[1:-1]:
-            d = d.setdefault(key, {})
-        if len(path) == 1:  # the argument itself is a Variable
-            node_grads[path[0]] = leaf.replace(g) if isinstance(leaf, Variable) else g
-            continue
-        d[path[-1]] = leaf.replace(g) if isinstance(leaf, Variable) else g
+    grads = [
+        (leaf.replace(next(g_iter)) if isinstance(leaf, Variable) else next(g_iter))
+        if m
+        else _NO_GRAD
+        for leaf, m in zip(walk.leaves, value_mask)
+    ]
+    node_grads = nest_leaves(walk.graphdef, grads, _NO_GRAD)
     plain = dict(zip([i for i, a in enumerate(other_arg) if a is not None], g_do))
     node_at = {p: k for k, p in enumerate(inputs.node_pos)}
     results = []

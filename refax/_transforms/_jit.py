@@ -39,6 +39,7 @@ from refax._transforms._lift import (
     Inputs,
     Static,
     apply_outputs,
+    check_output_types,
     collect_outputs,
     is_node,
     rebuild_inputs,
@@ -134,7 +135,6 @@ class JitWrapped:
         self.donate_argnames = _as_tuple(donate_argnames)
         self.graph = graph
         self.graph_updates = graph_updates
-        self._modes = (True, True)
         try:
             self._signature: inspect.Signature | None = inspect.signature(fun)
         except (TypeError, ValueError):
@@ -164,16 +164,17 @@ class JitWrapped:
         kept_other: list[Any],
     ):
         graphdef, treedef, node_pos, extra = static.value
-        static_args, value_mask, other_mask, in_sh, out_sh, _modes = extra
+        static_args, value_mask, other_mask, in_sh, out_sh, modes = extra
         values = _interleave(value_mask, donated_values, kept_values)
         other = _interleave(other_mask, donated_other, kept_other)
         if in_sh is not None:
             values = [_constrain(x, s) for x, s in zip(values, in_sh)]
         args, kwargs, nodes, built = rebuild_inputs(static.value, values, other)
         args, kwargs = _insert_static(args, kwargs, static_args)
-        graph_updates = self._modes[1]
+        graph_updates = modes[1]  # per call (in the Static): the wrapper keeps no call state
         input_leaves = None if graph_updates else _input_leaves(nodes)
         out = self.fun(*args, **kwargs)
+        check_output_types(self.fun, out, "jit")
         if out_sh is not None and _per_variable(out_sh.tree) and is_node(out):
             _shard_object(out, out_sh.tree)  # per-Variable out_shardings of a returned object
             out_sh = None
@@ -197,10 +198,10 @@ class JitWrapped:
         args, kwargs, static_args = _extract_static(
             args, kwargs, self.static_argnums, self.static_argnames
         )
-        self._modes = resolve_modes(self.graph, self.graph_updates)
-        inputs = split_inputs(args, kwargs, graph=self._modes[0])
+        modes = resolve_modes(self.graph, self.graph_updates)
+        inputs = split_inputs(args, kwargs, graph=modes[0])
         graphdef = inputs.graphdef
-        key = (id(graphdef), inputs.treedef, inputs.node_pos, static_args, self._modes)
+        key = (id(graphdef), inputs.treedef, inputs.node_pos, static_args, modes)
         hit = self._statics.get(key)
         if hit is not None and hit[0] is graphdef:
             return inputs, hit[1], hit[2]
@@ -216,7 +217,7 @@ class JitWrapped:
             if self.in_shardings is not None
             else None
         )
-        extra = (static_args, value_mask, other_mask, in_sh, self._out_sh, self._modes)
+        extra = (static_args, value_mask, other_mask, in_sh, self._out_sh, modes)
         static = Static((graphdef, inputs.treedef, inputs.node_pos, extra))
         if len(self._statics) >= 64:
             self._statics.pop(next(iter(self._statics)))

@@ -19,15 +19,19 @@ Every lifted transform follows one pattern:
 
 from __future__ import annotations
 
+import functools
+import inspect
 import operator
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+from jax.api_util import shaped_abstractify
 
-from refax._graph._flatten import FlattenResult, flatten, snapshots_valid, unflatten
-from refax._graph._graphdef import REF, GraphDef
+from refax._graph import _cache
+from refax._graph._flatten import FlattenResult, flatten
+from refax._graph._graphdef import REF, GraphDef, children, skip
+from refax._graph._unflatten import unflatten
 from refax._object import Pytree
 from refax._tracers import EPOCH
 from refax._variables import Variable, _set_raw
@@ -80,90 +84,40 @@ class Inputs:
 
 
 _LIFT_KEY = "lift"  # key prefix of lift walks in ObjectState.walks
-_STATE_ATTR = "_pytree__state"
 
 
-class _CachedWalk:
-    """A cached joint walk of argument nodes, holding no reference to the arguments themselves
-    (their slots in ``nodes`` are None), so caching never creates a reference cycle."""
-
-    __slots__ = ("epoch", "walk", "root_index", "all_variables", "others")
-
-    def __init__(self, epoch, walk, root_index, all_variables, others):
-        self.epoch = epoch
-        self.walk = walk
-        self.root_index = root_index
-        self.all_variables = all_variables
-        self.others = others  # weak (or, for Variables, strong) references to nodes[1:]
-
-
-def _root_index(graphdef: GraphDef) -> tuple[int, ...]:
-    """The node index of each argument node (the root tuple's entries)."""
-    return tuple(enc[1] if enc[0] == REF else enc[2] for enc in graphdef.root[1])
+def root_index(graphdef: GraphDef) -> tuple[int, ...]:
+    """The node index of each argument node (the entries of the root tuple)."""
+    ops = graphdef.ops
+    return tuple(ops[j][1] if ops[j][0] == REF else ops[j][2] for j in children(ops, 0))
 
 
 def _walk_nodes(nodes: tuple) -> tuple[FlattenResult, bool]:
-    """The joint walk of ``nodes`` (cached on the first node while the structure holds) and
-    whether every leaf is a Variable."""
-    first = nodes[0] if nodes else None
-    st = first.__dict__.get(_STATE_ATTR) if isinstance(first, Pytree) else None
-    key = (_LIFT_KEY, *map(id, nodes[1:]))
-    if st is not None and st.walks is not None:
-        entry = st.walks.get(key)
-        if (
-            entry is not None
-            and entry.epoch == EPOCH.value
-            and (not entry.walk.snapshots or snapshots_valid(entry.walk.snapshots))
-            and _same_roots(entry, nodes)
-        ):
-            return _restore(entry, nodes), entry.all_variables
+    """The joint walk of ``nodes`` (kept on one of them while a fresh walk would give the
+    same result, see ``refax/_graph/_cache.py``) and whether every leaf is a Variable."""
+    key = (_LIFT_KEY, *map(id, nodes))
+    entry = _cache.lookup(nodes, key)
+    if entry is not None:
+        all_vars, roots = entry.extra
+        kept = entry.result
+        view = FlattenResult(
+            kept.graphdef, None, None, entry.leaves(nodes), kept.paths, kept.num_refs
+        )
+        view.nodes = _LazyNodes(kept.nodes, roots, nodes)
+        return view, all_vars
     epoch = EPOCH.value
     walk = flatten(nodes, with_paths=True)
     all_vars = all(isinstance(leaf, Variable) for leaf in walk.leaves)
-    if st is not None:
-        if st.walks is None:
-            st.walks = {}
-        root_index = _root_index(walk.graphdef)
-        kept_nodes = list(walk.nodes)
-        for i in root_index:
-            kept_nodes[i] = None
-        kept = FlattenResult(walk.graphdef, None, kept_nodes, walk.leaves, walk.snapshots)
-        kept.paths = walk.paths
-        kept.num_refs = walk.num_refs
-        walks = st.walks
-        if len(walks) >= 8 and key not in walks:
-            walks.pop(next(iter(walks)), None)
-        others = tuple(_ref(n) for n in nodes[1:])
-        walks[key] = _CachedWalk(epoch, kept, root_index, all_vars, others)
+    kept = FlattenResult(
+        walk.graphdef, None, list(walk.nodes), list(walk.leaves), walk.paths, walk.num_refs
+    )
+    roots = root_index(walk.graphdef)
+    _cache.store(nodes, key, walk, epoch, roots, kept, (all_vars, roots))
     return walk, all_vars
 
 
-def _ref(node: Any) -> Any:
-    try:
-        return weakref.ref(node)
-    except TypeError:  # Variables have no weakref slot: keep them (no cycle: they hold no node)
-        return lambda node=node: node
-
-
-def _same_roots(entry: _CachedWalk, nodes: tuple) -> bool:
-    # The key holds the other arguments' ids; ids are reused after an object dies, so check
-    # that the very same objects are still there.
-    return all(r() is n for r, n in zip(entry.others, nodes[1:]))
-
-
-def _restore(entry: _CachedWalk, nodes: tuple) -> FlattenResult:
-    """The cached walk with the argument nodes put back (a shallow view, nodes list shared
-    lazily: ``nodes_of`` fills the roots in when a caller needs the full list)."""
-    walk = entry.walk
-    view = FlattenResult(walk.graphdef, None, None, walk.leaves, walk.snapshots)
-    view.paths = walk.paths
-    view.num_refs = walk.num_refs
-    view.nodes = _LazyNodes(walk.nodes, entry.root_index, nodes)
-    return view
-
-
 class _LazyNodes:
-    """Index -> node for a cached walk whose argument nodes are stored as None."""
+    """Index -> node for a kept walk whose argument nodes are stored as None."""
 
     __slots__ = ("kept", "root_index", "roots")
 
@@ -317,9 +271,13 @@ def collect_outputs(
     if before_walk is not None:
         before_walk(flatten((nodes, out_nodes), with_paths=True))
     joint = flatten((nodes, out_nodes), with_paths=True)
-    in_enc, out_enc = joint.graphdef.root[1]
+    joint_ops, in_ops = joint.graphdef.ops, graphdef.ops
+    out_start = skip(joint_ops, 1)  # the outputs' tuple follows the inputs' subtree
     n_in = graphdef.num_nodes
-    out_refs = tuple(e[1] if e[0] == REF and e[1] < n_in else -1 for e in out_enc[1])
+    out_refs = tuple(
+        joint_ops[j][1] if joint_ops[j][0] == REF and joint_ops[j][1] < n_in else -1
+        for j in children(joint_ops, out_start)
+    )
     if not graph_updates and input_leaves is not None:
         position = {id(n): i for i, n in enumerate(built)}
         refs = tuple(position.get(id(n), -1) for n in out_nodes)
@@ -333,7 +291,7 @@ def collect_outputs(
     # no raw-array attribute rebound (those are written back by rebuilding, below).
     unchanged = (
         not all_values
-        and in_enc == graphdef.root
+        and joint_ops[1:out_start] == in_ops
         and -1 not in out_refs
         and all(map(operator.is_, joint.nodes[:n_in], built))
     )
@@ -352,6 +310,38 @@ def collect_outputs(
     if annotate is not None:
         info.annotation = tuple(annotate(joint))
     return info, values, out_leaves
+
+
+def describe_function(fun: Callable[..., Any]) -> str:
+    """``name at file:line`` of a user function (unwrapping decorators and partials)."""
+    while isinstance(fun, functools.partial):
+        fun = fun.func
+    fun = inspect.unwrap(fun)
+    name = getattr(fun, "__qualname__", None) or getattr(fun, "__name__", None) or repr(fun)
+    code = getattr(fun, "__code__", None)
+    if code is None:
+        return name
+    return f"{name} at {code.co_filename}:{code.co_firstlineno}"
+
+
+def check_output_types(fun: Callable[..., Any], out: Any, transform: str) -> None:
+    """Raises TypeError naming the user's function and the output path when ``out`` holds a
+    leaf that is neither a graph node nor a valid JAX type (JAX's own error would name refax's
+    internal wrapper instead)."""
+    leaves = jax.tree_util.tree_flatten_with_path(out, is_leaf=is_node)[0]
+    for path, leaf in leaves:
+        if is_node(leaf):
+            continue
+        try:
+            shaped_abstractify(leaf)
+        except TypeError:
+            where = jax.tree_util.keystr(path) or "<the output itself>"
+            raise TypeError(
+                f"function {describe_function(fun)} traced for nnx.{transform} returned a "
+                f"value of type {type(leaf).__name__} at output {where}, which is not a valid "
+                "JAX type. Return arrays, scalars or refax objects only; keep other values out "
+                "of the output (or mark an argument static)."
+            ) from None
 
 
 def _changed(new: list, old: Sequence[Any], every_input: bool | tuple) -> tuple[int, ...]:

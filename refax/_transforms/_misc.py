@@ -22,7 +22,8 @@ from typing import Any, TypeVar
 import jax
 from jax.experimental import checkify as checkify_lib
 
-from refax._graph._flatten import flatten, unflatten
+from refax._graph._flatten import flatten
+from refax._graph._unflatten import unflatten
 from refax._transforms._jit import check_not_bound_method, jit
 from refax._transforms._lift import (
     Static,

@@ -47,6 +47,7 @@ from refax._transforms._lift import (
     Inputs,
     Static,
     apply_outputs,
+    check_output_types,
     collect_outputs,
     is_node,
     rebuild_inputs,
@@ -104,7 +105,6 @@ class MappedWrapped:
     partition_name: Any = None
     graph: bool | None = None  # None: the set_graph_mode / set_graph_updates defaults
     graph_updates: bool | None = None
-    _updates = True  # the effective graph_updates of the call being traced
 
     def __get__(self, obj: Any, objtype: Any = None) -> Any:
         if obj is None:
@@ -116,7 +116,7 @@ class MappedWrapped:
         self, args: tuple, kwargs: dict, in_prefix: Any, extra: Any = ()
     ) -> tuple[Inputs, tuple, list, Static]:
         """Splits the arguments; returns (inputs, value_axes, other_axes, static)."""
-        graph, self._updates = resolve_modes(self.graph, self.graph_updates)
+        graph, updates = resolve_modes(self.graph, self.graph_updates)
         inputs = split_inputs(args, kwargs, graph=graph)
         prefixes = args_prefixes(in_prefix, args, kwargs, is_leaf=self._is_leaf, what=self._in_what)
         node_prefixes = [prefixes[p] for p in inputs.node_pos]
@@ -132,7 +132,7 @@ class MappedWrapped:
                 inputs.graphdef,
                 inputs.treedef,
                 inputs.node_pos,
-                (value_axes, tuple(node_prefixes), extra),
+                (value_axes, tuple(node_prefixes), extra, updates),
             )
         )
         return inputs, value_axes, other_axes, static
@@ -150,15 +150,16 @@ class MappedWrapped:
         every returned state value and of every other output leaf (None where a node stood).
         """
         graphdef, _, _, extra = static.value
-        value_axes, node_prefixes, call_extra = extra
+        value_axes, node_prefixes, call_extra, updates = extra  # per call, not on the wrapper
         args, kwargs, nodes, built = rebuild_inputs(static.value, values, other)
         name = self.partition_name
         if name is not None:
             for leaf_var, axis in zip(_leaf_variables(nodes), value_axes):
                 if isinstance(leaf_var, Variable) and isinstance(axis, int):
                     _remove_axis(leaf_var, axis)
-        input_leaves = None if self._updates else _leaf_variables(nodes)
+        input_leaves = None if updates else _leaf_variables(nodes)
         out = self._call_fun(args, kwargs, call_extra)
+        check_output_types(self.fun, out, type(self).__name__.removesuffix("Wrapped").lower())
 
         out_leaves = jax.tree_util.tree_leaves(out, is_leaf=is_node)
         out_prefixes = broadcast_prefix(self.out_prefix, out, self._out_what, self._is_leaf)
@@ -196,7 +197,7 @@ class MappedWrapped:
             every_input=self._every_input,
             before_walk=before if name is not None else None,
             annotate=leaf_axes,
-            graph_updates=self._updates,
+            graph_updates=updates,
             input_leaves=input_leaves,
         )
         if info.unchanged:

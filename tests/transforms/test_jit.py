@@ -458,3 +458,15 @@ def test_out_shardings_with_scalar_state_update():
         h = nnx.jit(lambda c, x: tick(c, x) * 2, out_shardings=NamedSharding(mesh, P("x")))
         out = h(c, jnp.ones(16))
     assert out.sharding.spec == P("x") and int(c.count.value) == 1
+
+
+def test_invalid_output_type_names_the_user_function_and_path():
+    @nnx.jit
+    def my_step(x):
+        return {"loss": x.sum(), "name": "hello"}
+
+    with pytest.raises(TypeError, match=r"my_step at .*test_jit\.py:\d+.*str at output \['name'\]"):
+        my_step(jnp.ones(3))
+
+    with pytest.raises(TypeError, match=r"<lambda>.*nnx\.vmap.*output \[1\]"):
+        nnx.vmap(lambda x: (x, "s"))(jnp.ones((2, 3)))
