@@ -42,7 +42,7 @@ from jax import lax
 from refax._object import Module, data
 from refax._rngs import Rngs, RngStream
 from refax._variables import Cache, Intermediate
-from refax.nn import dtypes, initializers
+from refax.nn import _checks, dtypes, initializers
 from refax.nn.dtypes import PromoteDtypeFn
 from refax.nn.linear import LinearGeneral, default_kernel_init
 from refax.nn.normalization import LayerNorm
@@ -416,6 +416,49 @@ def _first_from(name: str, hint: str, *values: bool | None) -> bool:
     )
 
 
+def _check_attention_config(
+    num_heads: Any,
+    in_features: Any,
+    qkv_features: Any,
+    out_features: Any,
+    num_kv_heads: Any,
+    in_kv_features: Any,
+    dropout_rate: Any,
+) -> None:
+    layer = "MultiHeadAttention"
+    _checks.positive_int(layer, "num_heads", num_heads, "Pass the number of query heads.")
+    _checks.positive_int(
+        layer, "in_features", in_features, "Pass the size of the last axis of inputs_q."
+    )
+    for name, value, fix in (
+        ("qkv_features", qkv_features, "Pass the total query/key/value size, or None."),
+        ("out_features", out_features, "Pass the output size, or None for in_features."),
+        ("num_kv_heads", num_kv_heads, "Pass the number of key/value heads, or None."),
+        ("in_kv_features", in_kv_features, "Pass the size of the key/value inputs, or None."),
+    ):
+        _checks.positive_int(layer, name, value, fix, optional=True)
+    kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    if num_heads % kv_heads != 0:
+        raise ValueError(
+            f"MultiHeadAttention: num_heads ({num_heads}) must be divisible by num_kv_heads "
+            f"({kv_heads}). Pass a num_kv_heads that divides num_heads (each key/value head "
+            "serves num_heads // num_kv_heads query heads)."
+        )
+    qkv = in_features if qkv_features is None else qkv_features
+    if qkv % num_heads != 0:
+        raise ValueError(
+            f"MultiHeadAttention: qkv_features ({qkv}) must be divisible by num_heads "
+            f"({num_heads}); each head gets qkv_features // num_heads features. Pass a "
+            "qkv_features that is a multiple of num_heads (it defaults to in_features)."
+        )
+    _checks.fraction(
+        layer,
+        "dropout_rate",
+        dropout_rate,
+        "It is the probability of dropping an attention weight; 1 would drop them all.",
+    )
+
+
 class MultiHeadAttention(Module):
     """Multi-head (and grouped-query) dot-product attention.
 
@@ -520,23 +563,21 @@ class MultiHeadAttention(Module):
         query_ln_scale_metadata: Mapping[str, Any] = _NO_METADATA,
         key_ln_scale_metadata: Mapping[str, Any] = _NO_METADATA,
     ):
+        _check_attention_config(
+            num_heads,
+            in_features,
+            qkv_features,
+            out_features,
+            num_kv_heads,
+            in_kv_features,
+            dropout_rate,
+        )
         self.num_heads = num_heads
         self.in_features = in_features
         self.qkv_features = in_features if qkv_features is None else qkv_features
         self.out_features = in_features if out_features is None else out_features
         self.in_kv_features = in_features if in_kv_features is None else in_kv_features
         self.num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        if self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads != 0:
-            raise ValueError(
-                f"MultiHeadAttention: num_heads ({self.num_heads}) must be divisible by "
-                f"num_kv_heads ({self.num_kv_heads})."
-            )
-        if self.qkv_features % self.num_heads != 0:
-            raise ValueError(
-                f"MultiHeadAttention: qkv_features ({self.qkv_features}) must be divisible by "
-                f"num_heads ({self.num_heads}); each head gets qkv_features // num_heads "
-                "features."
-            )
         self.head_dim = self.qkv_features // self.num_heads
         self.dtype = dtype
         self.param_dtype = param_dtype

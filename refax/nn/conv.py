@@ -37,7 +37,6 @@ Example:
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -49,7 +48,7 @@ from jax import lax
 
 from refax._object import Module
 from refax._variables import Param
-from refax.nn import dtypes, initializers
+from refax.nn import _checks, dtypes, initializers
 from refax.nn.dtypes import PromoteDtypeFn
 from refax.typing import Dtype, Initializer, PrecisionLike
 
@@ -65,11 +64,10 @@ ConvGeneralDilatedT: TypeAlias = Callable[..., jax.Array]
 default_kernel_init = initializers.lecun_normal()
 default_bias_init = initializers.zeros_init()
 _NO_METADATA: Mapping[str, Any] = MappingProxyType({})
-_LAX_PADDINGS = ("SAME", "VALID", "SAME_LOWER")
+_CONV_PADDINGS = ("SAME", "VALID", "SAME_LOWER", "CIRCULAR", "REFLECT", "CAUSAL")
 
 
-def _is_int(x: Any) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+_is_int = _checks.is_int
 
 
 def canonicalize_padding(padding: PaddingLike, rank: int) -> LaxPadding:
@@ -131,13 +129,83 @@ def _freeze(x: Any) -> Any:
 
 
 def _as_kernel_size(kernel_size: int | Sequence[int], layer: str) -> tuple[int, ...]:
-    size = (kernel_size,) if _is_int(kernel_size) else tuple(kernel_size)  # type: ignore[arg-type]
-    if not all(_is_int(k) and k >= 1 for k in size):
-        raise ValueError(
-            f"{layer}: kernel_size must be a positive int or a sequence of positive ints (one per "
-            f"spatial dim), got {kernel_size!r}."
-        )
+    size = _checks.positive_ints(
+        layer,
+        "kernel_size",
+        kernel_size,
+        "Pass the window size, e.g. 3 for 1-D or (3, 3) for 2-D convolutions.",
+        per="one per spatial dim",
+    )
+    assert size is not None
     return tuple(int(k) for k in size)
+
+
+def _check_config(
+    layer: str,
+    in_features: Any,
+    out_features: Any,
+    kernel_size: tuple[int, ...],
+    padding: Any,
+    per_dim: Mapping[str, Any],
+) -> None:
+    """Constructor checks shared by Conv and ConvTranspose (kernel_size already checked)."""
+    _checks.positive_int(
+        layer, "in_features", in_features, "Pass the size of the inputs' last (channel) axis."
+    )
+    _checks.positive_int(layer, "out_features", out_features, "Pass the number of output channels.")
+    n = len(kernel_size)
+    for name, value in per_dim.items():
+        _checks.positive_ints(
+            layer,
+            name,
+            value,
+            "Use values >= 1: one int for every spatial dim, or one int per dim (None: 1).",
+            allow_none=True,
+            length=n,
+            per=f"one per spatial dim of kernel_size={kernel_size}",
+        )
+    strides = _broadcast(per_dim.get("strides"), n, "strides", layer)
+    if isinstance(padding, str):
+        _padding_mode(layer, padding, kernel_size, strides)
+    else:
+        _canonical_padding(layer, padding, n)
+
+
+def _padding_mode(
+    layer: str, padding: str, kernel_size: tuple[int, ...], strides: tuple[int, ...]
+) -> str:
+    """The upper-cased padding string, or an error if ``layer`` does not implement it."""
+    mode = padding.upper()
+    if layer == "Conv":
+        if mode not in _CONV_PADDINGS:
+            raise ValueError(
+                f"Conv: unknown padding {padding!r}; expected one of 'SAME', 'VALID', "
+                "'SAME_LOWER', 'CIRCULAR', 'REFLECT', 'CAUSAL', an int or one int or "
+                "(low, high) pair per spatial dim."
+            )
+        if mode == "CAUSAL" and len(kernel_size) != 1:
+            raise ValueError(
+                "Conv: 'CAUSAL' padding is only implemented for 1-D convolutions, got "
+                f"kernel_size={kernel_size}. Pad the inputs explicitly instead."
+            )
+    elif not (
+        mode in ("SAME", "VALID", "CIRCULAR") or (mode == "SAME_LOWER" and set(strides) <= {1})
+    ):
+        raise ValueError(
+            f"{layer}: unsupported padding {padding!r} (with strides {strides}); expected "
+            "'SAME', 'VALID', 'CIRCULAR', an int or one int or (low, high) pair per spatial "
+            "dim ('SAME_LOWER' only with unit strides)."
+        )
+    return mode
+
+
+def _canonical_padding(layer: str, padding: Any, n: int) -> list[tuple[int, int]]:
+    try:
+        pads = canonicalize_padding(padding, n)
+    except ValueError as e:
+        raise ValueError(f"{layer}: {e}") from None
+    assert not isinstance(pads, str)
+    return list(pads)
 
 
 def _broadcast(x: int | Sequence[int] | None, n: int, name: str, layer: str) -> tuple[int, ...]:
@@ -292,10 +360,17 @@ class Conv(Module):
         bias_metadata: Mapping[str, Any] = _NO_METADATA,
     ):
         kernel_size = _as_kernel_size(kernel_size, "Conv")
-        if not _is_int(feature_group_count) or feature_group_count < 1:
-            raise ValueError(
-                f"Conv: feature_group_count must be a positive int, got {feature_group_count!r}."
-            )
+        per_dim = dict(
+            strides=strides, input_dilation=input_dilation, kernel_dilation=kernel_dilation
+        )
+        _check_config("Conv", in_features, out_features, kernel_size, padding, per_dim)
+        _checks.positive_int(
+            "Conv",
+            "feature_group_count",
+            feature_group_count,
+            "Pass 1 for a dense convolution, or a number of groups dividing both in_features "
+            "and out_features.",
+        )
         for name, value in (("in_features", in_features), ("out_features", out_features)):
             if value % feature_group_count:
                 raise ValueError(
@@ -352,30 +427,21 @@ class Conv(Module):
         kernel_dilation = _broadcast(self.kernel_dilation, n, "kernel_dilation", "Conv")
         dilated_kernel = [(k - 1) * d + 1 for k, d in zip(kernel_size, kernel_dilation)]
 
-        padding = canonicalize_padding(self.padding, n)
-        if isinstance(padding, str):
-            mode = padding.upper()
+        padding: Any
+        if isinstance(self.padding, str):
+            mode = _padding_mode("Conv", self.padding, kernel_size, strides)
             if mode in ("CIRCULAR", "REFLECT"):
                 widths = [(0, 0)] + [((k - 1) // 2, k // 2) for k in dilated_kernel] + [(0, 0)]
                 np_mode = "wrap" if mode == "CIRCULAR" else "reflect"
                 inputs = jnp.pad(inputs, widths, mode=np_mode)
                 padding = "VALID"
             elif mode == "CAUSAL":
-                if n != 1:
-                    raise ValueError(
-                        "Conv: 'CAUSAL' padding is only implemented for 1-D convolutions, got "
-                        f"kernel_size={kernel_size}. Pad the inputs explicitly instead."
-                    )
                 inputs = jnp.pad(inputs, [(0, 0), (dilated_kernel[0] - 1, 0), (0, 0)])
                 padding = "VALID"
-            elif mode in _LAX_PADDINGS:
-                padding = mode
             else:
-                raise ValueError(
-                    f"Conv: unknown padding {self.padding!r}; expected one of 'SAME', 'VALID', "
-                    "'SAME_LOWER', 'CIRCULAR', 'REFLECT', 'CAUSAL', an int or one int or "
-                    "(low, high) pair per spatial dim."
-                )
+                padding = mode
+        else:
+            padding = _canonical_padding("Conv", self.padding, n)
         in_sizes = inputs.shape[1:-1]
         dilated_in = [max(s - 1, 0) * d + 1 for s, d in zip(in_sizes, input_dilation)]
         if isinstance(padding, str) and any(d != 1 for d in input_dilation):
@@ -501,6 +567,8 @@ class ConvTranspose(Module):
         bias_metadata: Mapping[str, Any] = _NO_METADATA,
     ):
         kernel_size = _as_kernel_size(kernel_size, "ConvTranspose")
+        per_dim = dict(strides=strides, kernel_dilation=kernel_dilation)
+        _check_config("ConvTranspose", in_features, out_features, kernel_size, padding, per_dim)
         if transpose_kernel:
             kernel_shape = kernel_size + (out_features, in_features)
         else:
@@ -548,20 +616,13 @@ class ConvTranspose(Module):
         kernel_dilation = _broadcast(self.kernel_dilation, n, "kernel_dilation", "ConvTranspose")
 
         circular = False
-        padding = canonicalize_padding(self.padding, n)
-        if isinstance(padding, str):
-            mode = padding.upper()
-            if mode == "CIRCULAR":
-                circular, padding = True, "VALID"
-            elif mode in ("SAME", "VALID") or (mode == "SAME_LOWER" and set(strides) == {1}):
-                padding = mode
-            else:
-                raise ValueError(
-                    f"ConvTranspose: unsupported padding {self.padding!r} (with strides "
-                    f"{strides}); expected 'SAME', 'VALID', 'CIRCULAR', an int or one int or "
-                    "(low, high) pair per spatial dim ('SAME_LOWER' only with unit strides)."
-                )
+        padding: Any
+        if isinstance(self.padding, str):
+            mode = _padding_mode("ConvTranspose", self.padding, kernel_size, strides)
+            circular = mode == "CIRCULAR"
+            padding = "VALID" if circular else mode
         else:
+            padding = _canonical_padding("ConvTranspose", self.padding, n)
             in_sizes = inputs.shape[1:-1]
             dilated_in = [(s - 1) * st + 1 for s, st in zip(in_sizes, strides)]
             dilated_kernel = [(k - 1) * d + 1 for k, d in zip(kernel_size, kernel_dilation)]

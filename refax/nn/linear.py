@@ -30,7 +30,7 @@ from jax import lax
 
 from refax._object import Module
 from refax._variables import Param, VariableMetadata
-from refax.nn import dtypes, initializers
+from refax.nn import _checks, dtypes, initializers
 from refax.nn.dtypes import PromoteDtypeFn
 from refax.typing import Dtype, Initializer, PrecisionLike, Shape
 
@@ -118,6 +118,19 @@ class Linear(Module):
         kernel_metadata: Mapping[str, Any] = _NO_METADATA,
         bias_metadata: Mapping[str, Any] = _NO_METADATA,
     ):
+        layer = type(self).__name__
+        _checks.positive_int(
+            layer,
+            "in_features",
+            in_features,
+            "Pass the size of the inputs' last axis (use LinearGeneral for several axes).",
+        )
+        _checks.positive_int(
+            layer,
+            "out_features",
+            out_features,
+            "Pass the size of the outputs' last axis (use LinearGeneral for several axes).",
+        )
         kernel_key = rngs.params()
         self.kernel = Param(
             kernel_init(kernel_key, (in_features, out_features), param_dtype), **kernel_metadata
@@ -228,6 +241,7 @@ class LinearGeneral(Module):
         kernel_metadata: Mapping[str, Any] = _NO_METADATA,
         bias_metadata: Mapping[str, Any] = _NO_METADATA,
     ):
+        _check_linear_general(in_features, out_features, axis, batch_axis)
         self.in_features = _as_tuple(in_features)
         self.out_features = _as_tuple(out_features)
         self.axis = _as_tuple(axis)
@@ -313,6 +327,39 @@ class LinearGeneral(Module):
         return out
 
 
+def _check_linear_general(in_features: Any, out_features: Any, axis: Any, batch_axis: Any) -> None:
+    layer = "LinearGeneral"
+    _checks.positive_ints(
+        layer,
+        "in_features",
+        in_features,
+        "Pass the sizes of the contracted input axes, one per entry of axis.",
+    )
+    _checks.positive_ints(
+        layer, "out_features", out_features, "Pass the output feature shape (an int or a tuple)."
+    )
+    axes = (axis,) if _checks.is_int(axis) else axis
+    if not isinstance(axes, Iterable) or not all(_checks.is_int(a) for a in axes):
+        raise TypeError(
+            f"LinearGeneral: axis must be an integer or a sequence of integers, got {axis!r}. "
+            "Pass the input axes to contract (negative values count from the end)."
+        )
+    if not isinstance(batch_axis, Mapping):
+        raise TypeError(
+            "LinearGeneral: batch_axis must be a mapping {axis: size}, got "
+            f"{batch_axis!r} of type {type(batch_axis).__name__}. Pass e.g. {{0: batch_size}}."
+        )
+    for ax, size in batch_axis.items():
+        if not _checks.is_int(ax):
+            raise TypeError(
+                f"LinearGeneral: batch_axis keys must be integer axes, got {ax!r} in "
+                f"{dict(batch_axis)!r}."
+            )
+        _checks.positive_int(
+            layer, f"batch_axis[{ax}]", size, "Pass the size of that leading input axis."
+        )
+
+
 def _reshape_init(value: Any, shape: tuple[int, ...]) -> Any:
     if isinstance(value, VariableMetadata):
         return VariableMetadata(jnp.reshape(value.raw_value, shape), value.metadata)
@@ -329,6 +376,19 @@ def _check_einsum_str(einsum_str: str) -> None:
         raise ValueError(
             "Einsum: `einsum_str` equation must have exactly two operands and therefore, "
             f"exactly one comma character, instead of {n_commas} (got {einsum_str!r})."
+        )
+
+
+def _check_kernel_rank(einsum_str: str, kernel_shape: Any) -> None:
+    kernel_labels = einsum_str.split("->")[0].split(",")[1]
+    n_labels = len(kernel_labels.replace("...", ""))
+    rank = len(kernel_shape)
+    wrong = rank < n_labels if "..." in kernel_labels else rank != n_labels
+    if wrong:
+        raise ValueError(
+            f"Einsum: kernel_shape {tuple(kernel_shape)} has rank {rank}, but the kernel "
+            f"operand {kernel_labels!r} of {einsum_str!r} has {n_labels} labels. Give "
+            "kernel_shape one size per kernel label."
         )
 
 
@@ -379,8 +439,25 @@ class Einsum(Module):
         kernel_metadata: Mapping[str, Any] = _NO_METADATA,
         bias_metadata: Mapping[str, Any] = _NO_METADATA,
     ):
+        if not isinstance(einsum_str, str):
+            raise TypeError(
+                f"Einsum: einsum_str must be a string, got {einsum_str!r} of type "
+                f"{type(einsum_str).__name__}. Pass an equation such as 'btd,dh->bth'."
+            )
         einsum_str = einsum_str.replace(" ", "")
         _check_einsum_str(einsum_str)
+        kernel_dims = _checks.positive_ints(
+            "Einsum", "kernel_shape", kernel_shape, "Pass the kernel's shape.", allow_int=False
+        )
+        _checks.positive_ints(
+            "Einsum",
+            "bias_shape",
+            bias_shape,
+            "Pass the bias's shape, or None for no bias.",
+            allow_int=False,
+            allow_none=True,
+        )
+        _check_kernel_rank(einsum_str, kernel_dims)
         self.kernel = Param(
             kernel_init(rngs.params(), tuple(kernel_shape), param_dtype), **kernel_metadata
         )
@@ -499,6 +576,12 @@ class Embed(Module):
         rngs: Rngs,
         embedding_metadata: Mapping[str, Any] = _NO_METADATA,
     ):
+        _checks.positive_int(
+            "Embed", "num_embeddings", num_embeddings, "Pass the vocabulary size (number of ids)."
+        )
+        _checks.positive_int(
+            "Embed", "features", features, "Pass the size of each embedding vector."
+        )
         self.embedding = Param(
             embedding_init(rngs.params(), (num_embeddings, features), param_dtype),
             **embedding_metadata,

@@ -31,7 +31,7 @@ import numpy as np
 from refax._object import Module
 from refax._rngs import Rngs
 from refax._variables import Param, Variable
-from refax.nn import dtypes, initializers
+from refax.nn import _checks, dtypes, initializers
 from refax.nn.dtypes import PromoteDtypeFn
 from refax.nn.linear import Linear
 from refax.typing import Dtype, Initializer
@@ -48,6 +48,15 @@ class LoRAParam(Param[A]):
     """The Param type of LoRA adapter matrices (so filters and optimizers can target them)."""
 
     __slots__ = ()
+
+
+def _check_rank(layer: str, lora_rank: Any) -> None:
+    _checks.positive_int(
+        layer,
+        "lora_rank",
+        lora_rank,
+        "Pass the rank of the adapter (the inner size of lora_a @ lora_b), e.g. 8.",
+    )
 
 
 class LoRA(Module):
@@ -100,6 +109,13 @@ class LoRA(Module):
         a_metadata: Mapping[str, Any] = _NO_METADATA,
         b_metadata: Mapping[str, Any] = _NO_METADATA,
     ):
+        _checks.positive_int(
+            "LoRA", "in_features", in_features, "Pass the size of the inputs' last axis."
+        )
+        _check_rank("LoRA", lora_rank)
+        _checks.positive_int(
+            "LoRA", "out_features", out_features, "Pass the size of the outputs' last axis."
+        )
         self.in_features = in_features
         self.out_features = out_features
         self.dtype = dtype
@@ -194,6 +210,7 @@ class LoRALinear(Linear):
         b_metadata: Mapping[str, Any] = _NO_METADATA,
         **kwargs: Any,
     ):
+        _check_rank(type(self).__name__, lora_rank)
         super().__init__(in_features, out_features, rngs=rngs, **kwargs)
         self.lora = LoRA(
             in_features,

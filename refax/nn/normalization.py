@@ -36,7 +36,7 @@ from jax import lax
 from refax._filters import PathContains
 from refax._object import Module
 from refax._variables import BatchStat, Param
-from refax.nn import dtypes, initializers
+from refax.nn import _checks, dtypes, initializers
 from refax.nn.dtypes import PromoteDtypeFn
 from refax.typing import Axes, Dtype, Initializer
 
@@ -171,6 +171,21 @@ def _first_from(layer: str, name: str, *values: bool | None) -> bool:
     )
 
 
+def _check_common(layer: str, num_features: Any, epsilon: Any) -> None:
+    _checks.positive_int(
+        layer,
+        "num_features",
+        num_features,
+        "Pass the number of features (the size of the feature axis or axes).",
+    )
+    _checks.nonnegative_float(
+        layer,
+        "epsilon",
+        epsilon,
+        "Pass a small constant such as 1e-6 (it is added to the variance).",
+    )
+
+
 def _scale_bias(
     module: Module,
     num_features: int,
@@ -258,6 +273,14 @@ class BatchNorm(Module):
         bias_metadata: Mapping[str, Any] = _NO_METADATA,
         scale_metadata: Mapping[str, Any] = _NO_METADATA,
     ):
+        _check_common("BatchNorm", num_features, epsilon)
+        _checks.fraction(
+            "BatchNorm",
+            "momentum",
+            momentum,
+            "It is the decay of the running averages (e.g. 0.99; 1 freezes them).",
+            include_one=True,
+        )
         feature_shape = (num_features,)
         self.mean = BatchStat(jnp.zeros(feature_shape, jnp.float32))
         self.var = BatchStat(jnp.ones(feature_shape, jnp.float32))
@@ -407,6 +430,7 @@ class LayerNorm(Module):
         bias_metadata: Mapping[str, Any] = _NO_METADATA,
         scale_metadata: Mapping[str, Any] = _NO_METADATA,
     ):
+        _check_common("LayerNorm", num_features, epsilon)
         _scale_bias(
             self,
             num_features,
@@ -508,6 +532,7 @@ class RMSNorm(Module):
         rngs: Rngs,
         scale_metadata: Mapping[str, Any] = _NO_METADATA,
     ):
+        _check_common("RMSNorm", num_features, epsilon)
         self.scale: Param | None = None
         if use_scale:
             self.scale = Param(
@@ -612,6 +637,7 @@ class GroupNorm(Module):
         bias_metadata: Mapping[str, Any] = _NO_METADATA,
         scale_metadata: Mapping[str, Any] = _NO_METADATA,
     ):
+        _check_common("GroupNorm", num_features, epsilon)
         if (num_groups is None) == (group_size is None):
             raise ValueError(
                 "GroupNorm: either `num_groups` or `group_size` should be specified. If "
@@ -619,17 +645,21 @@ class GroupNorm(Module):
                 "override the default `num_groups` value of 32."
             )
         if group_size is not None:
-            if group_size <= 0 or num_features % group_size != 0:
+            fix = "Pass the number of features per group; it must divide num_features."
+            _checks.positive_int("GroupNorm", "group_size", group_size, fix)
+            if num_features % group_size != 0:
                 raise ValueError(
-                    f"GroupNorm: number of features ({num_features}) is not multiple of the "
-                    f"group size ({group_size})."
+                    f"GroupNorm: group_size must divide num_features: the number of features "
+                    f"({num_features}) is not multiple of the group size ({group_size}). {fix}"
                 )
             num_groups = num_features // group_size
         assert num_groups is not None
-        if num_groups <= 0 or num_features % num_groups != 0:
+        fix = "Pass a number of groups that divides num_features (or give group_size instead)."
+        _checks.positive_int("GroupNorm", "num_groups", num_groups, fix)
+        if num_features % num_groups != 0:
             raise ValueError(
-                f"GroupNorm: number of groups ({num_groups}) does not divide the number of "
-                f"channels ({num_features})."
+                f"GroupNorm: num_groups must divide num_features: the number of groups "
+                f"({num_groups}) does not divide the number of channels ({num_features}). {fix}"
             )
         self.feature_axis = -1
         self.num_features = num_features
@@ -759,6 +789,7 @@ class InstanceNorm(Module):
         bias_metadata: Mapping[str, Any] = _NO_METADATA,
         scale_metadata: Mapping[str, Any] = _NO_METADATA,
     ):
+        _check_common("InstanceNorm", num_features, epsilon)
         _scale_bias(
             self,
             num_features,

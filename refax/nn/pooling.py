@@ -21,7 +21,6 @@ Example:
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -30,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from refax.nn import _checks
 from refax.nn.conv import LaxPadding, canonicalize_padding
 
 __all__ = ["pool", "avg_pool", "max_pool", "min_pool"]
@@ -37,8 +37,7 @@ __all__ = ["pool", "avg_pool", "max_pool", "min_pool"]
 _STRING_PADDINGS = ("SAME", "VALID", "SAME_LOWER")
 
 
-def _is_int(x: Any) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+_is_int = _checks.is_int
 
 
 def _window(window_shape: Sequence[int]) -> tuple[int, ...]:
@@ -47,6 +46,14 @@ def _window(window_shape: Sequence[int]) -> tuple[int, ...]:
             "pool: window_shape must be a sequence of ints, one per spatial dim, got "
             f"{window_shape!r} (use (k,) for a 1-D window)."
         )
+    _checks.positive_ints(
+        "pool",
+        "window_shape",
+        window_shape,
+        "Pass the window size, e.g. (2, 2) for 2-D pooling.",
+        allow_int=False,
+        per="one per spatial dim",
+    )
     return tuple(int(w) for w in window_shape)
 
 
@@ -97,7 +104,7 @@ def pool(
             f"pool with window_shape={window} expects inputs of shape (*batch_dims, {n} spatial "
             f"dims, features), i.e. rank >= {n + 1}; got inputs of shape {inputs.shape}."
         )
-    if not strides:
+    if strides is None or (isinstance(strides, Sequence) and len(strides) == 0):
         strides = (1,) * n
     elif _is_int(strides):
         strides = (int(strides),) * n  # type: ignore[arg-type]
@@ -106,6 +113,14 @@ def pool(
         raise ValueError(
             f"pool: strides {strides} must have one entry per spatial dim of window_shape {window}."
         )
+    _checks.positive_ints(
+        "pool",
+        "strides",
+        strides,
+        "Pass the step between windows, e.g. (2, 2), or None for 1.",
+        allow_int=False,
+        per="one per spatial dim",
+    )
     if isinstance(padding, str):
         lax_padding: Any = padding.upper()
         if lax_padding not in _STRING_PADDINGS:

@@ -45,7 +45,7 @@ from refax._filters import All, to_predicate
 from refax._graph import iter_graph, merge, split, update
 from refax._object import Module
 from refax._rngs import Rngs, RngState, RngStream
-from refax.nn import dtypes, initializers
+from refax.nn import _checks, dtypes, initializers
 from refax.nn.activations import sigmoid, tanh
 from refax.nn.dtypes import PromoteDtypeFn
 from refax.nn.linear import Linear
@@ -144,6 +144,16 @@ class _DenseCell(RNNCellBase):
         keep_rngs: bool,
         rngs: Rngs,
     ) -> None:
+        layer = type(self).__name__
+        _checks.positive_int(
+            layer, "in_features", in_features, "Pass the size of the inputs' last axis."
+        )
+        _checks.positive_int(
+            layer,
+            "hidden_features",
+            hidden_features,
+            "Pass the size of the hidden state (the carry and the output).",
+        )
         self.in_features = in_features
         self.hidden_features = hidden_features
         self.dtype = dtype
@@ -736,6 +746,19 @@ class RNN(Module):
         broadcast_rngs: Filter = None,
         rngs: Rngs | RngStream | bool = True,
     ):
+        if not isinstance(unroll, bool | np.bool_):  # lax.scan: True unrolls fully
+            _checks.positive_int(
+                "RNN",
+                "unroll",
+                unroll,
+                "Pass the number of steps per scan iteration (1: no unrolling; True: all).",
+            )
+        if state_axes is not None and not isinstance(state_axes, Mapping):
+            raise TypeError(
+                f"RNN: state_axes must be a mapping from filters to axes or None, got "
+                f"{state_axes!r} of type {type(state_axes).__name__}. Pass e.g. "
+                "{...: nnx.Carry}."
+            )
         self.cell = cell
         self.time_major = time_major
         self.return_carry = return_carry

@@ -23,8 +23,7 @@ Example:
 
 from __future__ import annotations
 
-import numbers
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +31,7 @@ from jax import lax
 
 from refax._object import Module
 from refax._rngs import Rngs, RngStream
+from refax.nn import _checks
 
 __all__ = ["Dropout"]
 
@@ -47,6 +47,18 @@ def _fork(rngs: Rngs | RngStream | None, rng_collection: str) -> RngStream | Non
         f"Dropout: rngs must be an Rngs, an RngStream or None, got {type(rngs).__name__}. "
         "Pass a key at call time instead (dropout(x, rngs=key))."
     )
+
+
+def _as_dims(broadcast_dims: Iterable[int]) -> tuple[int, ...]:
+    dims = None
+    if isinstance(broadcast_dims, Iterable) and not isinstance(broadcast_dims, str):
+        dims = tuple(broadcast_dims)
+    if dims is None or not all(_checks.is_int(d) for d in dims):
+        raise TypeError(
+            f"Dropout: broadcast_dims must be a sequence of integer axes, got "
+            f"{broadcast_dims!r}. Pass e.g. (1,) to share one mask along axis 1."
+        )
+    return dims
 
 
 class Dropout(Module):
@@ -80,13 +92,15 @@ class Dropout(Module):
         rng_collection: str = "dropout",
         rngs: Rngs | RngStream | None = None,
     ):
-        if isinstance(rate, numbers.Real) and not 0.0 <= rate < 1.0:
-            raise ValueError(
-                f"Dropout: rate must be in [0, 1), got {rate}. It is the fraction of entries "
-                "dropped (Dropout(0.1) keeps 90%); a rate of 1 would drop every entry."
-            )
+        _checks.fraction(
+            "Dropout",
+            "rate",
+            rate,
+            "It is the fraction of entries dropped (Dropout(0.1) keeps 90%); a rate of 1 would "
+            "drop every entry.",
+        )
         self.rate = rate
-        self.broadcast_dims = tuple(broadcast_dims)
+        self.broadcast_dims = _as_dims(broadcast_dims)
         self.deterministic = deterministic
         self.rng_collection = rng_collection
         self.rngs = _fork(rngs, rng_collection)

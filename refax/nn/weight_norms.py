@@ -28,7 +28,7 @@ from refax._graph import state as graph_state
 from refax._object import Module
 from refax._statelib import to_flat_state
 from refax._variables import BatchStat, Param, Variable
-from refax.nn import dtypes, initializers
+from refax.nn import _checks, dtypes, initializers
 from refax.nn.dtypes import PromoteDtypeFn
 from refax.nn.normalization import (
     _KERNELS,
@@ -106,6 +106,9 @@ class WeightNorm(Module):
         promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
         rngs: Rngs,
     ):
+        _checks.nonnegative_float(
+            "WeightNorm", "epsilon", epsilon, "Pass a small constant such as 1e-12."
+        )
         self.layer_instance = layer_instance
         self.feature_axes = () if feature_axes is None else feature_axes
         self.use_scale = use_scale
@@ -214,6 +217,15 @@ class SpectralNorm(Module):
         update_stats: bool = True,
         rngs: Rngs,
     ):
+        _checks.nonnegative_int(
+            "SpectralNorm",
+            "n_steps",
+            n_steps,
+            "Pass the number of power-iteration steps per call (0 disables normalization).",
+        )
+        _checks.nonnegative_float(
+            "SpectralNorm", "epsilon", epsilon, "Pass a small constant such as 1e-12."
+        )
         self.layer_instance = layer_instance
         self.n_steps = n_steps
         self.epsilon = epsilon

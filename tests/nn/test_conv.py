@@ -408,17 +408,34 @@ _T = ConvTranspose
         (_T, (3, 4, (2, 2)), {}, (4, 3), r"ConvTranspose .*rank >= 3"),
         (Conv, (3, 4, 5), dict(padding="VALID"), (1, 3, 3), "no complete kernel"),
         (Conv, (3, 4, 2), dict(padding=-2), (1, 3, 3), "no complete kernel"),
-        (Conv, (3, 4, 2), dict(padding="FULL"), (1, 3, 3), "unknown padding"),
-        (Conv, (3, 4, (2, 2)), dict(padding="CAUSAL"), (1, 3, 3, 3), "only implemented for 1-D"),
-        (Conv, (3, 4, 2), dict(padding=[1, 1]), (1, 3, 3), "Invalid padding"),
-        (Conv, (3, 4, 2), dict(strides=(1, 2)), (1, 3, 3), "strides must be"),
-        (_T, (3, 4, 2), dict(padding="CAUSAL"), (1, 3, 3), "unsupported padding 'CAUSAL'"),
-        (_T, (3, 4, 2), dict(padding="SAME_LOWER", strides=2), (1, 3, 3), "unit strides"),
         (_T, (3, 4, 3), dict(padding=-3), (1, 2, 3), "no complete"),
     ],
 )
 def test_bad_inputs_raise_value_error(cls, args, kwargs, shape, match):
     layer = cls(*args, rngs=Rngs(0), **FAST, **kwargs)
+    with pytest.raises(ValueError, match=match):
+        layer(jnp.ones(shape))
+
+
+@pytest.mark.parametrize(
+    "cls,args,kwargs,shape,match",
+    [
+        (Conv, (3, 4, 2), dict(padding="FULL"), (1, 3, 3), "Conv: unknown padding"),
+        (Conv, (3, 4, (2, 2)), dict(padding="CAUSAL"), (1, 3, 3, 3), "only implemented for 1-D"),
+        (Conv, (3, 4, 2), dict(padding=[1, 1]), (1, 3, 3), "Conv: Invalid padding"),
+        (Conv, (3, 4, 2), dict(strides=(1, 2)), (1, 3, 3), "Conv: strides must be"),
+        (_T, (3, 4, 2), dict(padding="CAUSAL"), (1, 3, 3), "unsupported padding 'CAUSAL'"),
+        (_T, (3, 4, 2), dict(padding="SAME_LOWER", strides=2), (1, 3, 3), "unit strides"),
+    ],
+)
+def test_bad_config_raises_at_construction_and_at_call(cls, args, kwargs, shape, match):
+    # Configurations no input can fit are rejected when the layer is built; the same values
+    # set on a built layer afterwards are still rejected when it is called.
+    with pytest.raises(ValueError, match=match):
+        cls(*args, rngs=Rngs(0), **FAST, **kwargs)
+    layer = cls(*args, rngs=Rngs(0), **FAST)
+    for name, value in kwargs.items():
+        setattr(layer, name, tuple(value) if isinstance(value, list) else value)
     with pytest.raises(ValueError, match=match):
         layer(jnp.ones(shape))
 

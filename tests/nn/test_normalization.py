@@ -242,8 +242,8 @@ def test_batch_norm_needs_mode():
         (2, 3, "either `num_groups` or `group_size`"),
         (None, 4, r"features \(6\) is not multiple of the group size \(4\)"),
         (4, None, r"number of groups \(4\) does not divide the number of channels \(6\)"),
-        (0, None, r"number of groups \(0\)"),
-        (None, 0, r"group size \(0\)"),
+        (0, None, r"GroupNorm: num_groups must be a positive integer, got 0"),
+        (None, 0, r"GroupNorm: group_size must be a positive integer, got 0"),
     ],
 )
 def test_group_norm_config_errors(num_groups, group_size, match):
