@@ -78,6 +78,8 @@ class ObjectState:
       trace_state: the JAX trace the object was created in.
       tracked: True once a graph walk has seen the object (a kept walk may then depend on
         the order of its ``__dict__``, so from then on no walk reorders it).
+      layout, snap: how the last walk classified the attributes, and the ``__dict__`` values
+        it did so from; the next walk reuses the layout and checks it against ``snap``.
       static_names: attributes forced static with :func:`static`.
       data_names: attributes forced data with :func:`data`.
       walks: cached graph walks rooted at this object (``refax._graph._cache``).
@@ -85,7 +87,7 @@ class ObjectState:
 
     # The trace is set for every object; rarely set attributes are class-level defaults,
     # overridden in the instance dict when set.
-    __slots__ = ("trace_state", "tracked", "__dict__", "__weakref__")
+    __slots__ = ("trace_state", "tracked", "layout", "snap", "__dict__", "__weakref__")
     static_names: frozenset = frozenset()
     data_names: frozenset = frozenset()
     walks: dict | None = None
@@ -93,6 +95,7 @@ class ObjectState:
     def __init__(self) -> None:
         self.trace_state = current_trace()
         self.tracked = False
+        self.layout = self.snap = None
 
     def __repr__(self) -> str:
         return f"ObjectState(tracked={self.tracked})"
@@ -104,6 +107,7 @@ def new_object_state(trace: Any, marks: tuple | None = None) -> ObjectState:
     st = object.__new__(ObjectState)
     st.trace_state = trace
     st.tracked = False
+    st.layout = st.snap = None
     if marks is not None:
         st.static_names, st.data_names = marks
     return st
@@ -253,6 +257,8 @@ class Pytree:
             old.set_value(value)
             return
         d[name] = value
+        if st is not None and st.layout is not None:
+            st.layout = st.snap = None  # reclassified by the next walk; the old value released
 
     def _mark(self, name: str, marker: _Marker) -> Any:
         st: ObjectState = self.__dict__[_STATE_ATTR]
@@ -262,6 +268,7 @@ class Pytree:
         else:
             st.data_names = st.data_names | {name}
             st.static_names = st.static_names - {name}
+        st.layout = st.snap = None
         bump_epoch()
         return marker.value
 
@@ -276,6 +283,9 @@ class Pytree:
             del self.__dict__[name]
         except KeyError:
             raise AttributeError(f"{type(self).__name__} has no attribute {name!r}") from None
+        st = self.__dict__.get(_STATE_ATTR)
+        if st is not None:
+            st.layout = st.snap = None
 
     # -- copying / pickling ---------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:

@@ -154,7 +154,16 @@ def _from_flat(items: Iterable[tuple[PathParts, Any]]) -> dict:
 
 
 def _copy_tree(d: dict) -> dict:
-    return {k: _copy_tree(v) if type(v) is dict else v for k, v in d.items()}
+    """A copy of the dict structure of a nested state dict (leaves are shared); any depth."""
+    out = dict(d)
+    stack = [out]
+    while stack:
+        level = stack.pop()
+        for k, v in level.items():
+            if type(v) is dict:
+                level[k] = v = dict(v)  # rebinding an existing key: no resize while iterating
+                stack.append(v)
+    return out
 
 
 def _merge_into(dst: dict, src: dict) -> None:
@@ -319,22 +328,42 @@ class State(MutableMapping[Key, Any]):
       })
     """
 
-    __slots__ = ("_mapping",)
+    # ``_shared``: the nested dicts belong to someone else (a kept graph walk): the first
+    # access that could change them copies them first (copy on write, see ``_own``)
+    __slots__ = ("_mapping", "_shared")
     _mapping: dict
 
     def __init__(self, mapping: Mapping[Key, Any] | Iterable[tuple[Key, Any]] = (), /):
         if isinstance(mapping, State):
-            d = dict(mapping._mapping)
+            d = dict(mapping._own())
         else:
             d = _clean(dict(mapping))
         _set_mapping(self, d)
+        _set_shared(self, False)
 
     @classmethod
     def _from_dict_unsafe(cls: type[S], mapping: dict) -> S:
         """Wraps ``mapping`` (a clean nested dict) without copying or checking it."""
         state = object.__new__(cls)
         _set_mapping(state, mapping)
+        _set_shared(state, False)
         return state
+
+    @classmethod
+    def _copy_on_write(cls: type[S], mapping: dict) -> S:
+        """Wraps a nested dict that must not change (a kept walk's): it is copied on the first
+        write, or the first time a nested level or ``raw_mapping`` is handed out."""
+        state = object.__new__(cls)
+        _set_mapping(state, mapping)
+        _set_shared(state, True)
+        return state
+
+    def _own(self) -> dict:
+        """The mapping, copied first if it is shared (see ``_copy_on_write``)."""
+        if self._shared:
+            _set_mapping(self, _copy_tree(self._mapping))
+            _set_shared(self, False)
+        return self._mapping
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -343,12 +372,14 @@ class State(MutableMapping[Key, Any]):
     @property
     def raw_mapping(self) -> dict:
         """The underlying nested ``dict`` (not a copy)."""
-        return self._mapping
+        return self._own()
 
     # -- mapping protocol ------------------------------------------------------------------
     def __getitem__(self, key: Key) -> Any:
         v = self._mapping[key]
-        return type(self)._from_dict_unsafe(v) if type(v) is dict else v
+        if type(v) is dict:  # a view sharing the level: it may be written to
+            return type(self)._from_dict_unsafe(self._own()[key])
+        return v
 
     def __getattr__(self, name: str) -> Any:
         if name == "_mapping" or name.startswith("__"):
@@ -359,7 +390,9 @@ class State(MutableMapping[Key, Any]):
             raise AttributeError(
                 f"State has no key {name!r}; available keys: {list(self._mapping)}"
             ) from None
-        return type(self)._from_dict_unsafe(v) if type(v) is dict else v
+        if type(v) is dict:
+            return type(self)._from_dict_unsafe(self._own()[name])
+        return v
 
     def __setitem__(self, key: Key, value: Any) -> None:
         if isinstance(value, State):
@@ -368,20 +401,21 @@ class State(MutableMapping[Key, Any]):
             value = _clean(value)
         elif isinstance(value, Mapping) and not isinstance(value, Variable):
             value = _clean(dict(value))
-        self._mapping[key] = value
+        self._own()[key] = value
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "_mapping":
             _set_mapping(self, value)
+            _set_shared(self, False)
         else:
             self[name] = value
 
     def __delitem__(self, key: Key) -> None:
-        del self._mapping[key]
+        del self._own()[key]
 
     def __delattr__(self, name: str) -> None:
         try:
-            del self._mapping[name]
+            del self._own()[name]
         except KeyError:
             raise AttributeError(name) from None
 
@@ -427,7 +461,7 @@ class State(MutableMapping[Key, Any]):
         return (type(self)._from_dict_unsafe, (self._mapping,))
 
     def __copy__(self) -> State:
-        return type(self)._from_dict_unsafe(dict(self._mapping))
+        return type(self)._from_dict_unsafe(dict(self._own()))
 
     # -- conversions -------------------------------------------------------------------------
     def flat_state(self) -> FlatState:
@@ -491,6 +525,7 @@ class State(MutableMapping[Key, Any]):
 
 
 _set_mapping = State._mapping.__set__  # type: ignore[attr-defined]
+_set_shared = State._shared.__set__  # type: ignore[attr-defined]
 
 
 def _register_state_pytree(cls: type[State]) -> None:
@@ -752,7 +787,7 @@ def replace_by_pure_dict(
             else:
                 target[key] = v
 
-    write(state._mapping, _as_dict(pure_dict) if isinstance(pure_dict, State) else pure_dict, ())
+    write(state._own(), _as_dict(pure_dict) if isinstance(pure_dict, State) else pure_dict, ())
 
 
 def _partition(state: Mapping[Key, Any], filters: tuple, exhaustive: bool) -> Any:

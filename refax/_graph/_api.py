@@ -34,19 +34,6 @@ _STATE_ATTR = "_pytree__state"
 _API_KEY = "api"  # key prefix of split/state/graphdef walks in ObjectState.walks
 
 
-def _copy_nested(d: dict) -> dict:
-    """A copy of the dict structure of a nested state dict (leaves are shared)."""
-    out = dict(d)
-    stack = [out]
-    while stack:
-        level = stack.pop()
-        for k, v in level.items():
-            if type(v) is dict:
-                level[k] = v = dict(v)  # rebinding an existing key: no resize while iterating
-                stack.append(v)
-    return out
-
-
 def _normalize_filters(filters: tuple) -> tuple:
     if len(filters) == 1 and (filters[0] is Ellipsis or filters[0] is True):
         return ()
@@ -100,7 +87,8 @@ def _walk(node: Any, filters: tuple) -> FlattenResult:
 def _states(result: FlattenResult, owned: bool) -> list[State]:
     if owned:
         return [State._from_dict_unsafe(s) for s in result.states]
-    return [State._from_dict_unsafe(_copy_nested(s)) for s in result.states]
+    # the cache keeps these dicts: the States copy them on their first write
+    return [State._copy_on_write(s) for s in result.states]
 
 
 def split(node: A, *filters: Any, graph: bool | None = None) -> tuple[Any, ...]:
@@ -235,65 +223,69 @@ def update(node: Any, state: Any, /, *states: Any, graph: bool | None = None) ->
         _update(node, as_dict(s), trace)
 
 
-class _UpdateFrame:
-    """A node whose children ``update`` is writing (an iterative walk: any depth works)."""
+# an update frame, as a list: [node, its __dict__ / the dict / list, or None for an
+# immutable container, items of the state level, path, its children (immutable containers,
+# rebuilt when one changed), key -> child index, whether a child changed]
+def _update_frame(node: Any, d: dict, path: tuple) -> list[Any]:
+    if isinstance(node, Pytree):
+        return [node, node.__dict__, iter(d.items()), path, None, None, False]
+    if isinstance(node, (dict, list)):
+        return [node, node, iter(d.items()), path, None, None, False]
+    _, keys, children = tree_children(node)
+    index = {k: i for i, k in enumerate(keys)}
+    return [node, None, iter(d.items()), path, list(children), index, False]
 
-    __slots__ = ("node", "items", "path", "children", "index", "changed")
 
-    def __init__(self, node: Any, d: dict, path: tuple):
-        self.node = node
-        self.items = iter(d.items())
-        self.path = path
-        self.children: list | None = None  # immutable containers: rebuilt when done
-        self.index: dict | None = None
-        self.changed = False
-        if not isinstance(node, (Pytree, dict, list)):
-            treedef, keys, children = tree_children(node)
-            self.index = {k: i for i, k in enumerate(keys)}
-            self.children = list(children)
+def _current(frame: list[Any], key: Any) -> Any:
+    holder = frame[1]
+    if holder is None:
+        i = frame[5].get(key)
+        return frame[4][i] if i is not None else _MISSING
+    if type(holder) is list:
+        return holder[key] if isinstance(key, int) and 0 <= key < len(holder) else _MISSING
+    if key == _STATE_ATTR and holder is not frame[0]:
+        return _MISSING
+    return holder.get(key, _MISSING)
 
-    def current(self, key: Any) -> Any:
-        node = self.node
-        if isinstance(node, Pytree):
-            return node.__dict__.get(key, _MISSING) if key != _STATE_ATTR else _MISSING
-        if isinstance(node, dict):
-            return node.get(key, _MISSING)
-        if isinstance(node, list):
-            return node[key] if isinstance(key, int) and 0 <= key < len(node) else _MISSING
-        i = self.index.get(key)  # type: ignore[union-attr]
-        return self.children[i] if i is not None else _MISSING  # type: ignore[index]
 
-    def put(self, key: Any, new: Any) -> None:
-        node = self.node
-        if isinstance(node, Pytree):
-            setattr(node, key, new)
-        elif isinstance(node, (dict, list)):
-            node[key] = new
-        else:
-            self.children[self.index[key]] = new  # type: ignore[index]
-            self.changed = True
+def _put(frame: list[Any], key: Any, new: Any) -> None:
+    node, holder = frame[0], frame[1]
+    if holder is None:
+        frame[4][frame[5][key]] = new
+        frame[6] = True
+    elif isinstance(node, Pytree):
+        setattr(node, key, new)
+    else:
+        holder[key] = new
 
-    def result(self) -> Any:
-        """The node, or a rebuilt copy when it is an immutable container that changed."""
-        if self.children is None or not self.changed:
-            return self.node
-        return jax.tree_util.tree_unflatten(tree_children(self.node)[0], self.children)
+
+def _done(frame: list[Any]) -> Any:
+    """The node, or a rebuilt copy when it is an immutable container whose children changed."""
+    node = frame[0]
+    if not frame[6]:
+        return node
+    return jax.tree_util.tree_unflatten(tree_children(node)[0], frame[4])
 
 
 def _update(node: Any, d: dict, trace: Any) -> None:
     """Writes the nested state ``d`` into ``node`` (immutable containers inside are rebuilt
-    with their updated children and put back into their parent)."""
-    stack = [(_UpdateFrame(node, d, ()), None)]
+    with their updated children and put back into their parent). Iterative: any depth."""
+    stack = [(_update_frame(node, d, ()), None)]
     while stack:
         frame, key_in_parent = stack[-1]
-        for key, sub in frame.items:
-            if type(sub) is not dict:
-                sub = as_dict(sub)
-            current = frame.current(key)
+        holder = frame[1]
+        is_object = holder is not None and holder is not frame[0]
+        for key, sub in frame[2]:
+            if type(sub) is not dict and isinstance(sub, State):
+                sub = sub._mapping
+            if is_object and key != _STATE_ATTR:
+                current = holder.get(key, _MISSING)
+            else:
+                current = _current(frame, key)
             if current is _MISSING:
                 raise GraphStructureError(
-                    f"Cannot update {type(frame.node).__name__} at "
-                    f"'{'.'.join(map(str, (*frame.path, key)))}': the object has no such "
+                    f"Cannot update {type(frame[0]).__name__} at "
+                    f"'{'.'.join(map(str, (*frame[3], key)))}': the object has no such "
                     "attribute or item. Update with a State split from this object, or merge "
                     "into a new object instead."
                 )
@@ -302,18 +294,18 @@ def _update(node: Any, d: dict, trace: Any) -> None:
                     _write_variable(current, sub, trace)
                 continue
             if type(sub) is dict:
-                stack.append((_UpdateFrame(current, sub, (*frame.path, key)), key))
+                stack.append((_update_frame(current, sub, (*frame[3], key)), key))
                 break
             new = sub.get_value() if isinstance(sub, Variable) else sub
             if new is not current:
-                frame.put(key, new)
+                _put(frame, key, new)
         else:
             stack.pop()
-            if stack:
-                new = frame.result()
+            if stack and frame[1] is None:  # an immutable container: put back if rebuilt
+                new = _done(frame)
                 parent = stack[-1][0]
-                if new is not parent.current(key_in_parent):
-                    parent.put(key_in_parent, new)
+                if new is not _current(parent, key_in_parent):
+                    _put(parent, key_in_parent, new)
 
 
 def _write_variable(current: Variable, sub: Any, trace: Any) -> None:

@@ -19,6 +19,7 @@ walk against its witness before reusing it; see README.md for the invariant.
 
 from __future__ import annotations
 
+import itertools
 import operator
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -46,6 +47,7 @@ from refax.errors import FilterError, GraphStructureError, UnhashableStaticError
 
 _STATE_ATTR = "_pytree__state"
 _ARR_ENTRY = (ARR,)
+_chain_all = itertools.chain.from_iterable
 
 
 def is_graph_node(value: Any) -> bool:
@@ -84,17 +86,7 @@ def sorted_keys(keys: Any) -> tuple:
 
 
 # -- object layouts ----------------------------------------------------------------------------
-class _Forced:
-    """A value marked ``nnx.data`` that would otherwise be static: walked as an array leaf."""
-
-    __slots__ = ("value",)
-
-    def __init__(self, value: Any):
-        self.value = value
-
-
-_K_FORCED = -1
-KIND[_Forced] = _K_FORCED
+_K_FORCED = -1  # a value marked ``nnx.data`` that would otherwise be static: an array leaf
 
 
 def _getter(positions: tuple[int, ...]) -> Callable[[tuple], tuple]:
@@ -108,19 +100,33 @@ def _getter(positions: tuple[int, ...]) -> Callable[[tuple], tuple]:
 
 
 class _Layout:
-    """How to read one shape of Object: static names and values, walked names and values.
+    """How to read one shape of Object (one tuple of keys and value types).
 
-    ``check`` lists positions whose values must be hash-checked on every walk (their type
-    does not guarantee hashability); ``forced`` lists walked positions marked ``nnx.data``.
+    Attributes:
+      snames, statics: the static attributes' sorted names, and a getter of their values from
+        the tuple of ``__dict__`` values.
+      lnames, leaves, lkinds: the attributes that are state leaves (Variables, arrays, values
+        marked ``nnx.data``), sorted, a getter of their values, and their kinds.
+      wnames, walked: the attributes the walk goes into (Objects, containers, pytrees), sorted,
+        and a getter of their values.
+      dnames: ``lnames + wnames``, the order of the Object's child entries in a GraphDef.
+      check: positions whose values must be hash-checked on every walk (their type does not
+        guarantee hashability).
+      tuples: positions holding tuples, static or not depending on their contents.
+      n: the number of attributes (with refax's entry); marks: the object's marks, or None.
     """
 
-    __slots__ = ("snames", "statics", "dnames", "dynamics", "check", "forced", "tuples", "variants")
+    __slots__ = ("snames", "statics", "lnames", "leaves", "lkinds", "wnames", "walked")
+    __slots__ += ("dnames", "check", "tuples", "variants", "n", "marks", "fields")
 
     def __init__(self, keys: tuple, vals: tuple, marks: tuple, tuple_flags: dict[int, bool]):
         static_names, data_names = marks
+        self.n = len(keys)
+        self.marks = marks if static_names or data_names else None
         statics: dict[Any, int] = {}
-        dynamics: dict[Any, int] = {}
-        check, forced, tuples = [], [], []
+        leaves: dict[Any, tuple[int, int]] = {}
+        walked: dict[Any, int] = {}
+        check, tuples = [], []
         for p, name in enumerate(keys):
             if name == _STATE_ATTR:
                 continue
@@ -128,57 +134,74 @@ class _Layout:
             k = KIND.get(type(v))
             if k is None:
                 k = kind_of(v)
+            if k == K_TUPLE:
+                tuples.append(p)
+                if tuple_flags.get(p, False):
+                    k = K_STATIC
             if name in static_names:
                 statics[name] = p
-                if k != K_STATIC and not (k == K_TUPLE and tuple_flags.get(p)):
+                if k != K_STATIC:
                     check.append(p)
-            elif name in data_names:
-                dynamics[name] = p
-                if k in (K_STATIC, K_OTHER, K_TUPLE) and v is not None:
-                    forced.append(p)
+            elif name in data_names and k in (K_STATIC, K_OTHER) and v is not None:
+                leaves[name] = (p, _K_FORCED)
             elif k == K_STATIC:
                 statics[name] = p
             elif k == K_OTHER:
                 statics[name] = p
                 check.append(p)
-            elif k == K_TUPLE:
-                tuples.append(p)
-                if tuple_flags.get(p, False):
-                    statics[name] = p
-                else:
-                    dynamics[name] = p
+            elif k == K_VAR or k == K_ARRAY:
+                leaves[name] = (p, k)
             else:
-                dynamics[name] = p
+                walked[name] = p
         self.snames = sorted_keys(statics)
         self.statics = _getter(tuple(statics[n] for n in self.snames))
-        self.dnames = sorted_keys(dynamics)
-        dpos = tuple(dynamics[n] for n in self.dnames)
-        self.dynamics = _getter(dpos)
+        self.lnames = sorted_keys(leaves)
+        self.leaves = _getter(tuple(leaves[n][0] for n in self.lnames))
+        self.lkinds = tuple(leaves[n][1] for n in self.lnames)
+        self.wnames = sorted_keys(walked)
+        self.walked = _getter(tuple(walked[n] for n in self.wnames))
+        self.dnames = self.lnames + self.wnames
         self.check = tuple(check)
-        self.forced = tuple(dpos.index(p) for p in forced) if forced else ()
-        self.tuples = tuple(tuples)  # positions whose tuple's kind depends on its contents
+        self.tuples = tuple(tuples)
         self.variants: dict[tuple, _Layout] = {}
+        # what a walk reads, in one tuple (unpacked at once: cheaper than attribute reads)
+        self.fields = (
+            self.statics,
+            self.snames,
+            self.dnames,
+            self.marks,
+            self.lnames,
+            self.leaves,
+            self.lkinds,
+            self.wnames,
+            self.walked,
+        )
 
 
 _LAYOUTS: dict[tuple, _Layout] = {}
-_NO_MARKS = (frozenset(), frozenset())
+_NO_MARK = frozenset()
 
 
 def _layout(keys: tuple, vals: tuple, st: Any) -> _Layout:
     """The layout of an object with these attribute names and values (cached per shape)."""
-    marks = _NO_MARKS if st is None else (st.static_names, st.data_names)
-    key = (keys, tuple(map(type, vals)), marks)
+    if st is None or (st.static_names is _NO_MARK and st.data_names is _NO_MARK):
+        marks = None
+        key = (keys, tuple(map(type, vals)))
+    else:
+        marks = (st.static_names, st.data_names)
+        key = (keys, tuple(map(type, vals)), marks)
     base = _LAYOUTS.get(key)
     if base is None:
         if len(_LAYOUTS) > 4096:
             _LAYOUTS.clear()
-        base = _LAYOUTS[key] = _Layout(keys, vals, marks, {})
+        base = _LAYOUTS[key] = _Layout(keys, vals, marks or (_NO_MARK, _NO_MARK), {})
     if not base.tuples:
         return base
     flags = tuple(all_static(vals[p]) for p in base.tuples)
     lay = base.variants.get(flags)
     if lay is None:
-        lay = base.variants[flags] = _Layout(keys, vals, marks, dict(zip(base.tuples, flags)))
+        lay = _Layout(keys, vals, marks or (_NO_MARK, _NO_MARK), dict(zip(base.tuples, flags)))
+        base.variants[flags] = lay
     return lay
 
 
@@ -222,16 +245,20 @@ class Witness:
       cacheable: False when an object lacks refax's bookkeeping entry (it cannot be checked).
     """
 
-    __slots__ = ("objs", "vals", "lists", "dicts", "trees", "keyed", "cacheable")
+    __slots__ = ("nodes", "vals", "lists", "dicts", "trees", "keyed", "cacheable")
 
-    def __init__(self):
-        self.objs: list[Any] = []
+    def __init__(self, nodes: list[Any]):
+        self.nodes = nodes  # the walk's nodes: its Objects, in order, are ``objs``
         self.vals: list[tuple] = []
         self.keyed: list[tuple[int, tuple]] = []
         self.lists: list[tuple[list, tuple]] = []
         self.dicts: list[tuple[dict, tuple, tuple]] = []
         self.trees: list[tuple[Any, Any, tuple]] = []
         self.cacheable = True
+
+    @property
+    def objs(self) -> list[Any]:
+        return [n for n in self.nodes if isinstance(n, Pytree)]
 
 
 class FlattenResult:
@@ -280,6 +307,9 @@ def flatten(
     """
     walker = _Walker(predicates, with_paths)
     walker.run(root)
+    if not walker.check_layouts():  # an object's shape changed behind refax's back: walk again
+        walker = _Walker(predicates, with_paths)
+        walker.run(root)
     if walker.unmatched:
         unmatched = walker.unmatched
         shown = ", ".join(repr(path_str(p)) for p in unmatched[:5])
@@ -303,7 +333,11 @@ def flatten(
 
 
 class _Walker:
-    """The state of one walk (a class, not closures: nothing of it outlives the walk)."""
+    """The state of one walk (a class, not closures: nothing of it outlives the walk).
+
+    An Object's state leaves (Variables, arrays) are handled inside ``open``, in one loop; the
+    main loop in ``run`` goes into sub-Objects and containers with an explicit stack.
+    """
 
     def __init__(self, predicates: Sequence[Callable] | None, with_paths: bool):
         self.predicates = predicates
@@ -318,9 +352,45 @@ class _Walker:
         self.unmatched: list[tuple] = []
         self.ref_targets: set[int] = set()
         self.num_refs = 0
-        self.witness = Witness()
+        self.witness = Witness(self.nodes)
         self.states: list[dict] = [{} for _ in range(self.n_states)]
         self.stack: list[tuple] = []
+        # (object, values read, values its kept layout was made from) per Object walked with
+        # the layout of its last walk: ``check_layouts`` compares the values
+        self.fast: list[tuple] = []
+        self.stale = False  # a kept layout was found wrong during the walk
+
+    def path_to(self, key: Any) -> tuple:
+        """The path of the child ``key`` of the node on top of the stack (for error messages,
+        when the walk does not track paths)."""
+        return (*(frame[4] for frame in self.stack[1:]), key)
+
+    def leaf(self, v: Any, k: int, key: Any, path: tuple | None, outs: list[dict]) -> None:
+        """Records a state leaf (a Variable, array or value marked data) found at ``key``."""
+        if k == K_VAR:
+            idx = self.seen.get(id(v))
+            if idx is not None:
+                self.num_refs += 1
+                self.ref_targets.add(idx)
+                self.ops.append((REF, idx))
+                return
+            self.seen[id(v)] = idx = len(self.nodes)
+            self.nodes.append(v)
+            frozen = v._frozen
+            if frozen is None:
+                frozen = v._frozen_metadata()
+            self.ops.append((VAR, type(v), idx, frozen))
+        else:
+            self.ops.append(_ARR_ENTRY)
+        self.leaves.append(v)
+        if self.need_paths:
+            path = path + (key,)  # type: ignore[operator]
+            if self.paths is not None:
+                self.paths.append(path)
+            if not self.single:
+                self.place(outs, key, path, v)
+                return
+        outs[0][key] = v
 
     def place(self, outs: list[dict], key: Any, path: tuple, leaf: Any) -> None:
         for i, pred in enumerate(self.predicates):  # type: ignore[arg-type]
@@ -329,13 +399,61 @@ class _Walker:
                 return
         self.unmatched.append(path)
 
-    def path_to(self, key: Any) -> tuple:
-        """The path of the child ``key`` of the node on top of the stack (for error messages,
-        when the walk does not track paths)."""
-        return (*(frame[4] for frame in self.stack[1:]), key)
+    def layout_of(self, obj: Any, d: dict, st: Any, path: tuple | None, key: Any) -> tuple:
+        """Classifies an Object's attributes afresh: ``(layout, values)``; keeps the layout on
+        the object, with the values it was made from, for the next walk."""
+        keys = tuple(d)
+        if st is None:
+            self.witness.cacheable = False
+        elif keys[-1] != _STATE_ATTR:
+            if st.tracked:  # a kept walk may depend on this order: record the keys
+                self.witness.keyed.append((len(self.witness.vals), keys))
+            else:
+                # Put refax's entry last (no kept walk has seen this object yet): a key added
+                # later lands after it, so renaming a key (pop + insert) changes the order of
+                # the values a kept walk compares.
+                d[_STATE_ATTR] = d.pop(_STATE_ATTR)
+                keys = tuple(d)
+        vals = tuple(d.values())
+        lay = _layout(keys, vals, st)
+        if lay.check:
+            _check_hashable(vals, lay.check, keys, self.path_to(key) if path is None else path)
+        if st is not None:
+            st.tracked = True
+            if keys[-1] == _STATE_ATTR:
+                # (not the entry itself: it would hold itself, a reference cycle)
+                st.layout, st.snap = lay, vals[:-1]
+        return lay, vals
 
-    def open(self, value: Any, k: int, path: tuple | None, key: Any = None) -> Any:
-        """Records the entry of a node or container; returns an iterator over its children.
+    def check_layouts(self) -> bool:
+        """After the walk: True if every layout taken from an object's last walk still fits
+        its attributes (identical values, or new values of the same shape). Otherwise the
+        objects whose shape changed lose their layout, and the walk must be redone."""
+        if self.stale:
+            for obj in self.witness.objs:
+                st = obj.__dict__.get(_STATE_ATTR)
+                if st is not None:
+                    st.layout = None
+            return False
+        ok = True
+        is_ = operator.is_
+        for obj, vals, snap in self.fast:
+            # ``snap`` holds the values but refax's entry (which holds ``snap``): ``map``
+            # stops before the entry, which the walk found last and the same
+            if all(map(is_, vals, snap)):
+                continue
+            st = obj.__dict__[_STATE_ATTR]
+            lay = _layout(tuple(obj.__dict__), vals, st)
+            if lay is st.layout and not lay.check:
+                st.snap = vals[:-1]  # other values, same shape: the walk's output stands
+            else:
+                st.layout = None
+                ok = False
+        return ok
+
+    def open(self, value: Any, k: int, path: tuple | None, outs: list[dict], key: Any) -> Any:
+        """Records the entry of a node or container (and an Object's state leaves); returns an
+        iterator over the children still to walk, or None.
 
         ``path`` is the node's path, or None when the walk does not track paths (the node is
         then the child ``key`` of the node on top of the stack).
@@ -343,45 +461,65 @@ class _Walker:
         ops = self.ops
         witness = self.witness
         if k == K_OBJ:
-            self.seen[id(value)] = idx = len(self.nodes)
-            self.nodes.append(value)
+            nodes = self.nodes
+            self.seen[id(value)] = idx = len(nodes)
+            nodes.append(value)
             d = value.__dict__
-            keys = tuple(d)
             st = d.get(_STATE_ATTR)
-            if st is None:
-                witness.cacheable = False
-            else:
-                if keys[-1] != _STATE_ATTR:
-                    if st.tracked:  # a kept walk may depend on this order: record the keys
-                        witness.keyed.append((len(witness.objs), keys))
-                    else:
-                        # Put refax's entry last (no kept walk has seen this object yet): a
-                        # key added later lands after it, so renaming a key (pop + insert)
-                        # changes the order of the values a kept walk compares.
-                        d[_STATE_ATTR] = d.pop(_STATE_ATTR)
-                        keys = tuple(d)
-                st.tracked = True
             vals = tuple(d.values())
-            lay = _layout(keys, vals, st)
-            if lay.check:
-                _check_hashable(vals, lay.check, keys, self.path_to(key) if path is None else path)
-            witness.objs.append(value)
+            lay = None if st is None else st.layout
+            if lay is not None and (vals[-1] is not st or len(vals) != lay.n):
+                lay = None
+            if lay is not None:
+                # the layout this object had at its last walk: the same keys (refax's entry is
+                # still last and no key was added or removed); whether the values still have
+                # the same kinds is checked at the end of the walk (``check_layouts``)
+                if lay.check:
+                    try:
+                        hash(lay.statics(vals))
+                    except TypeError:  # (an unhashable static: see what a fresh layout says)
+                        lay = None
+                if lay is not None:
+                    self.fast.append((value, vals, st.snap))
+            if lay is None:
+                lay, vals = self.layout_of(value, d, st, path, key)
             witness.vals.append(vals)
-            marks = (
-                None
-                if st is None or not (st.static_names or st.data_names)
-                else (
-                    st.static_names,
-                    st.data_names,
-                )
-            )
-            ops.append((OBJ, type(value), idx, lay.snames, lay.statics(vals), lay.dnames, marks))
-            children = lay.dynamics(vals)
-            if lay.forced:
-                children = list(children)
-                for i in lay.forced:
-                    children[i] = _Forced(children[i])
-            return zip(lay.dnames, children)
+            statics, snames, dnames, marks, lnames, leaves, lkinds, wnames, walked = lay.fields
+            ops.append((OBJ, type(value), idx, snames, statics(vals), dnames, marks))
+            if lnames:
+                if self.need_paths:
+                    try:
+                        for name, v, kv in zip(lnames, leaves(vals), lkinds):
+                            self.leaf(v, kv, name, path, outs)
+                    except AttributeError:  # not a Variable any more: walk again afresh
+                        self.stale = True
+                else:
+                    # the common case, inline (as in ``leaf``). The kinds are the layout's: a
+                    # value of another kind is caught by ``check_layouts`` (the walk is redone)
+                    seen, all_leaves, out0 = self.seen, self.leaves, outs[0]
+                    try:
+                        for name, v, kv in zip(lnames, leaves(vals), lkinds):
+                            if kv == K_VAR:
+                                vidx = seen.setdefault(id(v), len(nodes))
+                                if vidx != len(nodes):
+                                    self.num_refs += 1
+                                    self.ref_targets.add(vidx)
+                                    ops.append((REF, vidx))
+                                    continue
+                                frozen = v._frozen
+                                if frozen is None:
+                                    frozen = v._frozen_metadata()
+                                nodes.append(v)
+                                ops.append((VAR, type(v), vidx, frozen))
+                            else:
+                                ops.append(_ARR_ENTRY)
+                            all_leaves.append(v)
+                            out0[name] = v
+                    except AttributeError:  # not a Variable any more: walk again afresh
+                        self.stale = True
+            if wnames:
+                return zip(wnames, walked(vals))
+            return None
         if k == K_LIST:
             snap = tuple(value)
             witness.lists.append((value, snap))
@@ -416,62 +554,26 @@ class _Walker:
             self.ops.append((STATIC, _hashable_static(root, ())))
             return
         single, need_paths, n_states = self.single, self.need_paths, self.n_states
-        seen, nodes, leaves, ops = self.seen, self.nodes, self.leaves, self.ops
-        paths, place, ref_targets = self.paths, self.place, self.ref_targets
+        seen, ops, ref_targets, leaf, open_ = (
+            self.seen,
+            self.ops,
+            self.ref_targets,
+            self.leaf,
+            self.open,
+        )
         kind_get = KIND.get
         # frames: (children iterator, path, output dicts, parent's output dicts, key in parent)
         stack = self.stack
-        stack.append((self.open(root, k_root, ()), (), self.states, None, None))
+        root_it = open_(root, k_root, (), self.states, None)
+        if root_it is None:
+            return
+        stack.append((root_it, (), self.states, None, None))
         while stack:
             it, path, outs, parent_outs, parent_key = stack[-1]
             for key, v in it:
                 k = kind_get(type(v))
                 if k is None:
                     k = kind_of(v)
-                if k == K_VAR:
-                    idx = seen.get(id(v))
-                    if idx is not None:
-                        self.num_refs += 1
-                        ref_targets.add(idx)
-                        ops.append((REF, idx))
-                        continue
-                    seen[id(v)] = idx = len(nodes)
-                    nodes.append(v)
-                    leaves.append(v)
-                    frozen = v._frozen
-                    if frozen is None:
-                        frozen = v._frozen_metadata()
-                    ops.append((VAR, type(v), idx, frozen))
-                    if single and paths is None:
-                        outs[0][key] = v
-                        continue
-                    vpath = path + (key,)
-                    if paths is not None:
-                        paths.append(vpath)
-                    if single:
-                        outs[0][key] = v
-                    else:
-                        place(outs, key, vpath, v)
-                    continue
-                if k == K_STATIC:
-                    ops.append((STATIC, v))
-                    continue
-                if k == K_ARRAY or k == _K_FORCED:
-                    if k == _K_FORCED:
-                        v = v.value
-                    leaves.append(v)
-                    ops.append(_ARR_ENTRY)
-                    if single and paths is None:
-                        outs[0][key] = v
-                        continue
-                    vpath = path + (key,)
-                    if paths is not None:
-                        paths.append(vpath)
-                    if single:
-                        outs[0][key] = v
-                    else:
-                        place(outs, key, vpath, v)
-                    continue
                 if k == K_OBJ:
                     idx = seen.get(id(v))
                     if idx is not None:
@@ -479,6 +581,12 @@ class _Walker:
                         ref_targets.add(idx)
                         ops.append((REF, idx))
                         continue
+                elif k == K_STATIC:
+                    ops.append((STATIC, v))
+                    continue
+                elif k == K_VAR or k == K_ARRAY:
+                    leaf(v, k, key, path, outs)
+                    continue
                 elif k == K_OTHER:
                     try:
                         hash(v)
@@ -487,15 +595,32 @@ class _Walker:
                     ops.append((STATIC, v))
                     continue
                 child_path = path + (key,) if need_paths else None
-                child_outs = [{}] if single else [{} for _ in range(n_states)]
-                stack.append((self.open(v, k, child_path, key), child_path, child_outs, outs, key))
+                if single:
+                    child_outs = [{}]
+                    child_it = open_(v, k, child_path, child_outs, key)
+                    if child_it is None:
+                        if child_outs[0]:
+                            outs[0][key] = child_outs[0]
+                        continue
+                else:
+                    child_outs = [{} for _ in range(n_states)]
+                    child_it = open_(v, k, child_path, child_outs, key)
+                    if child_it is None:
+                        _attach(outs, key, child_outs)
+                        continue
+                stack.append((child_it, child_path, child_outs, outs, key))
                 break
             else:
                 stack.pop()
                 if parent_outs is not None:
-                    for i in range(n_states):
-                        if outs[i]:
-                            parent_outs[i][parent_key] = outs[i]
+                    _attach(parent_outs, parent_key, outs)
+
+
+def _attach(parent_outs: list[dict], key: Any, outs: list[dict]) -> None:
+    """Puts a node's non-empty output dicts into its parent's, under ``key``."""
+    for parent, out in zip(parent_outs, outs):
+        if out:
+            parent[key] = out
 
 
 def _filter_name(f: Any) -> str:
