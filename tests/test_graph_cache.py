@@ -329,3 +329,28 @@ def test_writes_that_bypass_setattr_are_seen(write):
     bump(m)  # the update lands in the Variable the model holds now, not the detached one
     np.testing.assert_array_equal(m.w[...], np.ones((2, 2)))
     np.testing.assert_array_equal(new[...], np.full((2, 2), 9.0))
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        lambda s: s["lin"].__setitem__("extra", nnx.Param(1.0)),
+        lambda s: s.lin.__setattr__("extra", nnx.Param(1.0)),
+        lambda s: s.raw_mapping["lin"].__setitem__("extra", nnx.Param(1.0)),
+        lambda s: nnx.State(s)["lin"].__setitem__("extra", nnx.Param(1.0)),
+        lambda s: copy.copy(s)["lin"].__setitem__("extra", nnx.Param(1.0)),
+        lambda s: s.replace_by_pure_dict({"arr": jnp.zeros(3)}),
+        lambda s: s.__delitem__("lin"),
+    ],
+    ids=["item", "attr", "raw_mapping", "State()", "copy", "replace_by_pure_dict", "del"],
+)
+def test_states_from_a_kept_walk_are_copied_on_write(write):
+    m = Model()
+    nnx.split(m)
+    nnx.split(m)
+    _, state = nnx.split(m)  # served by the cache: shares its dicts until written to
+    arr = m.arr
+    write(state)
+    _, fresh = nnx.split(m)
+    assert "extra" not in fresh["lin"] and "lin" in fresh
+    assert fresh["arr"] is arr and m.arr is arr
