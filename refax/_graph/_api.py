@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import jax
 import jax.numpy as jnp
 
+from refax._config import graph_mode_default
 from refax._filters import to_predicate
 from refax._graph import _cache
 from refax._graph._flatten import (
@@ -42,8 +43,6 @@ def _normalize_filters(filters: tuple) -> tuple:
 
 def _check_tree_mode(result: FlattenResult, graph: bool | None) -> None:
     if graph is None:
-        from refax._config import graph_mode_default
-
         graph = graph_mode_default()
     if not graph and result.num_refs:
         raise ValueError(

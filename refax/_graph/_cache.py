@@ -107,6 +107,7 @@ class Entry:
         "keyed",
         "root_checks",
         "leaf_slots",
+        "root_leaf_types",
         "others",
         "extra",
         "__weakref__",
@@ -119,27 +120,31 @@ class Entry:
         for i, ref in self.others:
             if ref() is not roots[i]:
                 return False
-        for i, cls, keys, vals in self.root_checks:
+        for i, cls, keys, p, vals in self.root_checks:
             root = roots[i]
             if type(root) is not cls:
                 return False
             d = vars(root)
             if tuple(d) != keys:
                 return False
-            now = (v for k, v in d.items() if k != _STATE_ATTR)
-            if not all(map(_is, _chain(now, (_END,)), vals)):
+            now = tuple(d.values())  # but for refax's entry, at ``p``
+            if not all(map(_is, now[:p] + now[p + 1 :], vals)):
                 return False
         objs = self.objs
-        if tuple(map(type, objs)) != self.types:
-            return False
-        now = _chain(_chain_all(map(_values, map(vars, objs))), (_END,))
-        if not all(map(_is, now, self.vals)):
-            return False
-        for pos, keys in self.keyed:
-            if tuple(vars(objs[pos])) != keys:
+        if objs:
+            if tuple(map(type, objs)) != self.types:
                 return False
-        if tuple(map(type, self.leaves(roots))) != self.leaf_types:
+            now = _chain(_chain_all(map(_values, map(vars, objs))), (_END,))
+            if not all(map(_is, now, self.vals)):
+                return False
+            for pos, keys in self.keyed:
+                if tuple(vars(objs[pos])) != keys:
+                    return False
+        if tuple(map(type, self.result.leaves)) != self.leaf_types:
             return False
+        for pos, i in self.leaf_slots:  # Variables passed as arguments
+            if type(roots[i]) is not self.root_leaf_types[pos]:
+                return False
         if self.lists:
             lists = self.lists
             if tuple(map(len, lists)) != self.list_lens:
@@ -259,8 +264,8 @@ def store(
         i = root_ids.get(id(obj))
         if i is not None:
             keys = keyed_at.get(pos) or tuple(vars(obj))
-            rest = tuple(v for k, v in zip(keys, obj_vals) if k != _STATE_ATTR)
-            root_checks.append((i, type(obj), keys, (*rest, _END)))
+            p = keys.index(_STATE_ATTR)
+            root_checks.append((i, type(obj), keys, p, obj_vals[:p] + obj_vals[p + 1 :]))
             continue
         if pos in keyed_at:
             keyed.append((len(others), keyed_at[pos]))
@@ -271,15 +276,17 @@ def store(
     entry.objs = tuple(others)
     entry.types = tuple(map(type, others))
     entry.vals = (*_chain_all(vals), _END)
-    entry.leaf_types = tuple(map(type, result.leaves))
     leaf_slots = []
-    if kept.leaves is not None:
-        leaf_pos = {id(v): i for i, v in enumerate(result.leaves) if isinstance(v, Variable)}
-        for i, r in enumerate(roots):
-            if isinstance(r, Variable) and id(r) in leaf_pos:
-                leaf_slots.append((leaf_pos[id(r)], i))
-                kept.leaves[leaf_pos[id(r)]] = None
+    root_leaf_types = {}
+    leaf_pos = {id(v): i for i, v in enumerate(result.leaves) if isinstance(v, Variable)}
+    for i, r in enumerate(roots):
+        if isinstance(r, Variable) and id(r) in leaf_pos:
+            leaf_slots.append((leaf_pos[id(r)], i))
+            root_leaf_types[leaf_pos[id(r)]] = type(r)
+            kept.leaves[leaf_pos[id(r)]] = None
     entry.leaf_slots = tuple(leaf_slots)
+    entry.root_leaf_types = root_leaf_types
+    entry.leaf_types = tuple(map(type, kept.leaves))
     if kept.nodes is not None:
         for idx in root_nodes:
             kept.nodes[idx] = None

@@ -28,6 +28,7 @@ from typing import Any
 import jax
 from jax.api_util import shaped_abstractify
 
+from refax._config import graph_mode_default, graph_updates_default
 from refax._graph import _cache
 from refax._graph._flatten import FlattenResult, flatten
 from refax._graph._graphdef import REF, GraphDef, children, skip
@@ -141,8 +142,6 @@ def _raw(leaf: Any) -> Any:
 def resolve_modes(graph: bool | None, graph_updates: bool | None) -> tuple[bool, bool]:
     """The effective (graph, graph_updates) flags: None reads the process-wide default; tree
     mode (graph=False) never propagates graph updates."""
-    from refax._config import graph_mode_default, graph_updates_default
-
     graph = graph_mode_default() if graph is None else graph
     graph_updates = graph_updates_default() if graph_updates is None else graph_updates
     return graph, graph and graph_updates
