@@ -19,7 +19,6 @@ walk against its witness before reusing it; see README.md for the invariant.
 
 from __future__ import annotations
 
-import itertools
 import operator
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -47,7 +46,7 @@ from refax.errors import FilterError, GraphStructureError, UnhashableStaticError
 
 _STATE_ATTR = "_pytree__state"
 _ARR_ENTRY = (ARR,)
-_chain_all = itertools.chain.from_iterable
+_is = operator.is_
 
 
 def is_graph_node(value: Any) -> bool:
@@ -307,9 +306,6 @@ def flatten(
     """
     walker = _Walker(predicates, with_paths)
     walker.run(root)
-    if not walker.check_layouts():  # an object's shape changed behind refax's back: walk again
-        walker = _Walker(predicates, with_paths)
-        walker.run(root)
     if walker.unmatched:
         unmatched = walker.unmatched
         shown = ", ".join(repr(path_str(p)) for p in unmatched[:5])
@@ -355,10 +351,6 @@ class _Walker:
         self.witness = Witness(self.nodes)
         self.states: list[dict] = [{} for _ in range(self.n_states)]
         self.stack: list[tuple] = []
-        # (object, values read, values its kept layout was made from) per Object walked with
-        # the layout of its last walk: ``check_layouts`` compares the values
-        self.fast: list[tuple] = []
-        self.stale = False  # a kept layout was found wrong during the walk
 
     def path_to(self, key: Any) -> tuple:
         """The path of the child ``key`` of the node on top of the stack (for error messages,
@@ -425,32 +417,6 @@ class _Walker:
                 st.layout, st.snap = lay, vals[:-1]
         return lay, vals
 
-    def check_layouts(self) -> bool:
-        """After the walk: True if every layout taken from an object's last walk still fits
-        its attributes (identical values, or new values of the same shape). Otherwise the
-        objects whose shape changed lose their layout, and the walk must be redone."""
-        if self.stale:
-            for obj in self.witness.objs:
-                st = obj.__dict__.get(_STATE_ATTR)
-                if st is not None:
-                    st.layout = None
-            return False
-        ok = True
-        is_ = operator.is_
-        for obj, vals, snap in self.fast:
-            # ``snap`` holds the values but refax's entry (which holds ``snap``): ``map``
-            # stops before the entry, which the walk found last and the same
-            if all(map(is_, vals, snap)):
-                continue
-            st = obj.__dict__[_STATE_ATTR]
-            lay = _layout(tuple(obj.__dict__), vals, st)
-            if lay is st.layout and not lay.check:
-                st.snap = vals[:-1]  # other values, same shape: the walk's output stands
-            else:
-                st.layout = None
-                ok = False
-        return ok
-
     def open(self, value: Any, k: int, path: tuple | None, outs: list[dict], key: Any) -> Any:
         """Records the entry of a node or container (and an Object's state leaves); returns an
         iterator over the children still to walk, or None.
@@ -468,55 +434,43 @@ class _Walker:
             st = d.get(_STATE_ATTR)
             vals = tuple(d.values())
             lay = None if st is None else st.layout
-            if lay is not None and (vals[-1] is not st or len(vals) != lay.n):
-                lay = None
-            if lay is not None:
-                # the layout this object had at its last walk: the same keys (refax's entry is
-                # still last and no key was added or removed); whether the values still have
-                # the same kinds is checked at the end of the walk (``check_layouts``)
-                if lay.check:
-                    try:
-                        hash(lay.statics(vals))
-                    except TypeError:  # (an unhashable static: see what a fresh layout says)
-                        lay = None
-                if lay is not None:
-                    self.fast.append((value, vals, st.snap))
-            if lay is None:
+            # The layout of the object's last walk still holds when refax's entry is still last
+            # (so no key was added or renamed: a new key lands after it), no key was removed,
+            # and every other value is the one it was made from (so the kinds are the same).
+            # Any write through __setattr__ drops the layout; this check sees the others.
+            if (
+                lay is None
+                or vals[-1] is not st
+                or len(vals) != lay.n
+                or not all(map(_is, vals, st.snap))
+            ):
                 lay, vals = self.layout_of(value, d, st, path, key)
             witness.vals.append(vals)
             statics, snames, dnames, marks, lnames, leaves, lkinds, wnames, walked = lay.fields
             ops.append((OBJ, type(value), idx, snames, statics(vals), dnames, marks))
             if lnames:
                 if self.need_paths:
-                    try:
-                        for name, v, kv in zip(lnames, leaves(vals), lkinds):
-                            self.leaf(v, kv, name, path, outs)
-                    except AttributeError:  # not a Variable any more: walk again afresh
-                        self.stale = True
-                else:
-                    # the common case, inline (as in ``leaf``). The kinds are the layout's: a
-                    # value of another kind is caught by ``check_layouts`` (the walk is redone)
+                    for name, v, kv in zip(lnames, leaves(vals), lkinds):
+                        self.leaf(v, kv, name, path, outs)
+                else:  # the common case, inline (as in ``leaf``)
                     seen, all_leaves, out0 = self.seen, self.leaves, outs[0]
-                    try:
-                        for name, v, kv in zip(lnames, leaves(vals), lkinds):
-                            if kv == K_VAR:
-                                vidx = seen.setdefault(id(v), len(nodes))
-                                if vidx != len(nodes):
-                                    self.num_refs += 1
-                                    self.ref_targets.add(vidx)
-                                    ops.append((REF, vidx))
-                                    continue
-                                frozen = v._frozen
-                                if frozen is None:
-                                    frozen = v._frozen_metadata()
-                                nodes.append(v)
-                                ops.append((VAR, type(v), vidx, frozen))
-                            else:
-                                ops.append(_ARR_ENTRY)
-                            all_leaves.append(v)
-                            out0[name] = v
-                    except AttributeError:  # not a Variable any more: walk again afresh
-                        self.stale = True
+                    for name, v, kv in zip(lnames, leaves(vals), lkinds):
+                        if kv == K_VAR:
+                            vidx = seen.setdefault(id(v), len(nodes))
+                            if vidx != len(nodes):
+                                self.num_refs += 1
+                                self.ref_targets.add(vidx)
+                                ops.append((REF, vidx))
+                                continue
+                            frozen = v._frozen
+                            if frozen is None:
+                                frozen = v._frozen_metadata()
+                            nodes.append(v)
+                            ops.append((VAR, type(v), vidx, frozen))
+                        else:
+                            ops.append(_ARR_ENTRY)
+                        all_leaves.append(v)
+                        out0[name] = v
             if wnames:
                 return zip(wnames, walked(vals))
             return None

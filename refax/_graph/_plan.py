@@ -1,12 +1,14 @@
-"""Merge plans: a GraphDef compiled once into a flat list of steps that rebuild fresh objects.
+"""Merge plans: a GraphDef compiled once into builders that rebuild fresh objects.
 
 ``unflatten`` interprets a GraphDef entry by entry and knows how to explain a mismatch.
 Merging the same GraphDef again and again (functional training loops, ``call``, ``clone``)
-deserves less work per entry: the plan resolves every opcode once, pre-builds each Object's
-static attributes as a dict, and handles the Variables of an Object inside the Object's own
-step, so a step runs per Object or container, not per entry. Steps run in pre-order with an
-explicit stack (any depth works). On any mismatch the plan gives up (``_Mismatch``) and the
-caller reruns the interpreter, which produces the precise error message.
+deserves less work per entry. The plan compiles every subtree of at most ``_MAX_HEIGHT``
+levels (a layer, a block of layers, a list of blocks) into a *builder*: a small tree of specs
+with each Object's static attributes pre-built as a dict, run by a recursive function whose
+depth the height bounds. Deeper structures are cut into steps that run in pre-order with an
+explicit stack, so any depth works at the default recursion limit. On any mismatch the plan
+gives up (``_Mismatch``) and the caller reruns the interpreter, which produces the precise
+error message.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ from refax._graph._graphdef import (
     entry_keys,
 )
 from refax._object import ObjectState
-from refax._object import new_object_state as _new_state
 from refax._statelib import State
 from refax._tracers import current_trace
 from refax._variables import Variable
@@ -38,61 +39,52 @@ from refax._variables import Variable
 _STATE_ATTR = "_pytree__state"
 _MISSING = object()
 _new = object.__new__
+_MAX_HEIGHT = 12  # levels a builder covers (its recursion depth)
 
-# step kinds
-_S_OBJ, _S_LIST, _S_DICT, _S_BUILD, _S_REF, _S_LEAF = range(6)
+# builder kinds (the first field of a spec)
+_B_OBJ, _B_VAR, _B_ARR, _B_STATIC, _B_REF, _B_LIST, _B_TUPLE, _B_DICT, _B_TREE = range(9)
 
 
 class _Mismatch(Exception):
     """The State does not fit the plan; rerun the interpreter for a precise error."""
 
 
-class _ObjStep:
-    """Builds one Object: its statics and state leaves at once, and its *simple* sub-Objects
-    (those holding only Variables, arrays and statics, like most layers); its other children
-    (sub-Objects, containers, references) by the steps that follow."""
+class _Obj:
+    """How to build one Object: its class, node index (-1 when nothing refers to it), its
+    attributes in the interpreter's order (statics pre-set), and a spec per other attribute."""
 
-    __slots__ = ("cls", "idx", "template", "leaves", "simple", "n_found", "marks")
+    __slots__ = ("cls", "idx", "template", "children", "n_keys", "marks")
 
-    def __init__(self, entry: tuple, children: list[tuple[tuple, Any]], referenced: set[int]):
-        """``children``: ``(entry, simple child's step or None)`` per child entry;
-        ``referenced``: the node indices some reference points to (only those are recorded
-        while building)."""
+    def __init__(self, entry: tuple, children: list[tuple[Any, tuple]], referenced: set[int]):
         _, self.cls, idx, snames, svals, dnames, self.marks = entry
         self.idx = idx if idx in referenced else -1
-        # Attributes go in in the interpreter's order: statics, then the others (state leaves,
-        # then walked children, each sorted), which the steps set in that order; only when
-        # later steps fill some of them are all of them reserved first.
         self.template = dict(zip(snames, svals))
-        leaves, simple, later = [], [], False
-        for name, (c, step) in zip(dnames, children):
-            op = c[0]
-            if op == VAR:
-                leaves.append((name, c[1]._from_parts, c[2] if c[2] in referenced else -1, c[3]))
-            elif op == ARR:
-                leaves.append((name, None, -2, None))
-            elif op == STATIC:
-                self.template[name] = c[1]
-            elif step is not None:
-                simple.append((name, step))
-            else:
-                later = True
-        if later:
-            self.template.update(
-                (n, c[1] if c[0] == STATIC else None) for n, (c, _) in zip(dnames, children)
-            )
-        self.leaves = tuple(leaves)
-        self.simple = tuple(simple)
-        # the keys the state dict has for what this step builds (an Object without leaves
-        # has no key)
-        self.n_found = len(leaves) + sum(1 for _, step in simple if step.n_found)
+        self.children = tuple(children)  # set in order after the statics: the interpreter's order
+        self.n_keys = sum(1 for _, s in self.children if _has_state(s))
+
+
+def _has_state(spec: tuple) -> bool:
+    """Whether the state dict has an entry for what ``spec`` builds (empty levels have none)."""
+    kind = spec[0]
+    if kind in (_B_VAR, _B_ARR):
+        return True
+    if kind in (_B_STATIC, _B_REF):
+        return False
+    return spec[-1] > 0  # containers and Objects record how many keys their level has
 
 
 def _compile(ops: tuple) -> list[tuple]:
-    """The steps of a GraphDef, in pre-order: ``(kind, data, child step count, keys)``."""
-    # the direct children of each entry, found with one pass and a stack
+    """The steps of a GraphDef, in pre-order: ``(kind, data, keys of the children)``.
+
+    A subtree of at most ``_MAX_HEIGHT`` levels becomes one builder step (``"build"``); the
+    nodes above such subtrees are Objects (``"obj"``) and containers (``"list"``, ``"dict"``,
+    ``"pytree"``) whose children are later steps.
+    """
+    n = len(ops)
+    referenced = {entry[1] for entry in ops if entry[0] == REF}
+    # the children of every entry, and the height of the subtree below it (post-order)
     kids: dict[int, list[int]] = {}
-    stack: list[list[int]] = []  # [entry position, children left]
+    stack: list[list[int]] = []
     for j, entry in enumerate(ops):
         if stack:
             kids[stack[-1][0]].append(j)
@@ -102,46 +94,77 @@ def _compile(ops: tuple) -> list[tuple]:
             stack.append([j, arity(entry)])
         while stack and stack[-1][1] == 0:
             stack.pop()
-    folded: set[int] = set()  # entries handled by their Object's step
-    referenced = {entry[1] for entry in ops if entry[0] == REF}
-
-    def is_simple(c: int) -> bool:  # an Object whose children are all leaves or statics
-        return ops[c][0] == OBJ and all(ops[g][0] in (VAR, ARR, STATIC) for g in kids.get(c, ()))
-
+    height = [0] * n
+    for j in range(n - 1, -1, -1):
+        if j in kids:
+            height[j] = 1 + max((height[c] for c in kids[j]), default=0)
+        elif ops[j][0] in (OBJ, LIST, TUPLE, DICT, TREE):
+            height[j] = 1
+    specs: dict[int, tuple] = {}  # builder specs of the subtrees short enough, bottom up
+    for j in range(n - 1, -1, -1):
+        if height[j] <= _MAX_HEIGHT:
+            specs[j] = _spec(ops, j, kids.get(j, []), specs, referenced)
     steps: list[tuple] = []
+    skip_until = -1
     for j, entry in enumerate(ops):
-        if j in folded:
+        if j < skip_until:
+            continue
+        if j in specs:
+            steps.append(("build", specs[j], ()))
+            skip_until = _skip(ops, j)
             continue
         op = entry[0]
-        if op == OBJ:
-            children = kids.get(j, [])
-            inner = []
-            names = []
-            for name, c in zip(entry[5], children):
-                if ops[c][0] in (VAR, ARR, STATIC):
-                    folded.add(c)
-                    inner.append((ops[c], None))
-                elif is_simple(c):
-                    grandchildren = kids.get(c, [])
-                    folded.add(c)
-                    folded.update(grandchildren)
-                    grand = [(ops[g], None) for g in grandchildren]
-                    inner.append((ops[c], _ObjStep(ops[c], grand, referenced)))
-                else:
-                    inner.append((ops[c], None))
-                    names.append(name)
-            steps.append((_S_OBJ, _ObjStep(entry, inner, referenced), len(names), tuple(names)))
-        elif op == REF:
-            steps.append((_S_REF, entry[1], 0, ()))
+        keys = entry_keys(entry)
+        if op == OBJ:  # (every child is a later step; statics are pre-set)
+            _, cls, idx, snames, svals, dnames, marks = entry
+            template = dict(zip(snames, svals))
+            template.update(dict.fromkeys(dnames))
+            data = (cls, idx if idx in referenced else -1, template, marks)
+            steps.append(("obj", data, keys))
         elif op == LIST:
-            steps.append((_S_LIST, None, entry[1], entry_keys(entry)))
+            steps.append(("list", None, keys))
         elif op == DICT:
-            steps.append((_S_DICT, None, len(entry[1]), entry[1]))
-        elif op in (TUPLE, TREE):
-            steps.append((_S_BUILD, entry, arity(entry), entry_keys(entry)))
-        else:  # a Variable, array or static value inside a container
-            steps.append((_S_LEAF, entry, 0, ()))
+            steps.append(("dict", None, keys))
+        else:  # a tuple or another pytree, built when its children are
+            steps.append(("pytree", entry, keys))
     return steps
+
+
+def _spec(ops: tuple, j: int, children: list[int], specs: dict, referenced: set[int]) -> tuple:
+    """The builder spec of the subtree at ``j`` (its children's specs are in ``specs``)."""
+    entry = ops[j]
+    op = entry[0]
+    if op == VAR:
+        idx = entry[2] if entry[2] in referenced else -1
+        return (_B_VAR, entry[1]._from_parts, idx, entry[3])
+    if op == ARR:
+        return (_B_ARR,)
+    if op == STATIC:
+        return (_B_STATIC, entry[1])
+    if op == REF:
+        return (_B_REF, entry[1])
+    child_specs = [specs[c] for c in children]
+    n_keys = sum(1 for s in child_specs if _has_state(s))
+    if op == OBJ:
+        obj = _Obj(entry, list(zip(entry[5], child_specs)), referenced)
+        return (_B_OBJ, obj, obj.n_keys)
+    keys = entry_keys(entry)
+    pairs = tuple(zip(keys, child_specs))
+    if op == LIST:
+        return (_B_LIST, pairs, n_keys)
+    if op == TUPLE:
+        return (_B_TUPLE, pairs, n_keys)
+    if op == DICT:
+        return (_B_DICT, pairs, n_keys)
+    return (_B_TREE, pairs, entry[1], n_keys)
+
+
+def _skip(ops: tuple, i: int) -> int:
+    pending = 1
+    while pending:
+        pending += arity(ops[i]) - 1
+        i += 1
+    return i
 
 
 def plan_for(graphdef: GraphDef) -> list[tuple]:
@@ -150,14 +173,6 @@ def plan_for(graphdef: GraphDef) -> list[tuple]:
     if plan is None:
         plan = graphdef._plan = _compile(graphdef.ops)
     return plan
-
-
-# A frame is a node whose child steps are running, as a list (cheaper than an object):
-# [holder, state dict, child keys, next child, child count, keys of the state dict used,
-#  built children (tuples and other pytrees, built when done) or None, entry, marks]
-# holder: an Object's __dict__, or a list / dict being filled; None for a pytree built at the
-# end. marks: an Object's marks (it gets its bookkeeping entry last), else _MISSING.
-_HOLDER, _SUB, _KEYS, _I, _N, _FOUND, _OUT, _ENTRY, _MARKS = range(9)
 
 
 def _sub_dict(sub: Any) -> dict:
@@ -173,67 +188,155 @@ def _sub_dict(sub: Any) -> dict:
 _NO_STATE: dict = {}
 
 
+def _object_state(trace: Any, marks: Any) -> ObjectState:
+    st = _new(ObjectState)
+    st.trace_state = trace
+    st.tracked = False
+    st.layout = st.snap = None
+    if marks is not None:
+        st.static_names, st.data_names = marks
+    return st
+
+
+class _Run:
+    """What one merge needs everywhere: the nodes by index, the trace, the copy flag."""
+
+    __slots__ = ("nodes", "trace", "copy")
+
+    def __init__(self, num_nodes: int, copy: bool):
+        self.nodes: list[Any] = [None] * num_nodes
+        self.trace = current_trace()
+        self.copy = copy
+
+
+def _build(spec: tuple, sub: Any, run: _Run) -> Any:
+    """Builds the subtree ``spec`` describes from its state ``sub`` (recursion bounded by
+    ``_MAX_HEIGHT``)."""
+    kind = spec[0]
+    if kind == _B_OBJ:
+        ob = spec[1]
+        s = sub if type(sub) is dict else _sub_dict(sub)
+        obj = _new(ob.cls)
+        if ob.idx >= 0:
+            run.nodes[ob.idx] = obj
+        d = obj.__dict__
+        d.update(ob.template)
+        for name, child in ob.children:
+            ck = child[0]
+            if ck == _B_VAR:
+                leaf = s.get(name, _MISSING)
+                if isinstance(leaf, Variable):
+                    if run.copy:
+                        frozen = child[3]
+                        leaf = child[1](leaf._raw_value, frozen.mapping, frozen)
+                elif leaf is _MISSING or type(leaf) is dict:
+                    raise _Mismatch
+                else:
+                    leaf = child[1](leaf, child[3].mapping, child[3])
+                if child[2] >= 0:
+                    run.nodes[child[2]] = leaf
+                d[name] = leaf
+            elif ck == _B_REF:
+                d[name] = run.nodes[child[1]]
+            elif ck == _B_STATIC:
+                d[name] = child[1]
+            else:
+                d[name] = _build(child, s.get(name, _MISSING), run)
+        if len(s) != ob.n_keys:
+            raise _Mismatch
+        st = _new(ObjectState)  # (inline: this runs once per Object)
+        st.trace_state = run.trace
+        st.tracked = False
+        st.layout = st.snap = None
+        if ob.marks is not None:
+            st.static_names, st.data_names = ob.marks
+        d[_STATE_ATTR] = st
+        return obj
+    if kind == _B_VAR:
+        if sub is _MISSING or type(sub) is dict:
+            raise _Mismatch
+        frozen = spec[3]
+        if isinstance(sub, Variable):
+            var = spec[1](sub._raw_value, frozen.mapping, frozen) if run.copy else sub
+        else:
+            var = spec[1](sub, frozen.mapping, frozen)
+        if spec[2] >= 0:
+            run.nodes[spec[2]] = var
+        return var
+    if kind == _B_ARR:
+        if sub is _MISSING or type(sub) is dict:
+            raise _Mismatch
+        return sub._raw_value if isinstance(sub, Variable) else sub
+    if kind == _B_STATIC:
+        return spec[1]
+    if kind == _B_REF:
+        return run.nodes[spec[1]]
+    s = sub if type(sub) is dict else _sub_dict(sub)
+    if len(s) != spec[-1]:
+        raise _Mismatch
+    items = [_build(child, s.get(key, _MISSING), run) for key, child in spec[1]]
+    if kind == _B_LIST:
+        return items
+    if kind == _B_TUPLE:
+        return tuple(items)
+    if kind == _B_DICT:
+        return dict(zip([key for key, _ in spec[1]], items))
+    return jax.tree_util.tree_unflatten(spec[2], items)
+
+
 def run_plan(graphdef: GraphDef, state: Any, copy: bool) -> Any:
     """Builds fresh objects from the nested ``state``; raises ``_Mismatch`` if it does not
     fit."""
-    nodes: list[Any] = [None] * graphdef.num_nodes
-    trace = current_trace()
+    run = _Run(graphdef.num_nodes, copy)
+    # frames: [holder (an Object's __dict__, a list or dict; None: a pytree built when done),
+    #          state dict, child keys, next child, keys of the state dict used, built
+    #          children (pytrees) or None, step kind, entry (pytrees) or marks (Objects)]
     stack: list[list[Any]] = []
     result: Any = _MISSING
-    new_state = _new_state
-    for kind, data, n_children, keys in plan_for(graphdef):
+    for kind, data, keys in plan_for(graphdef):
         if stack:
             parent = stack[-1]
             key = parent[2][parent[3]]
             parent[3] += 1
             sub = parent[1].get(key, _MISSING)
             if sub is not _MISSING:
-                parent[5] += 1
+                parent[4] += 1
         else:
             parent, key, sub = None, None, state
-        if kind == _S_OBJ:
-            s = _sub_dict(sub)
-            value = _build_object(data, s, nodes, copy, trace)
-            if n_children:
-                d = value.__dict__
-                stack.append([d, s, keys, 0, n_children, data.n_found, None, None, data.marks])
-            else:
-                if len(s) != data.n_found:
-                    raise _Mismatch
-                value.__dict__[_STATE_ATTR] = new_state(trace, data.marks)
-        elif kind == _S_REF:
-            value = nodes[data]
-        elif kind == _S_LEAF:
-            value = _leaf(data, sub, nodes, copy)
-        elif kind == _S_LIST or kind == _S_DICT:
-            value = [] if kind == _S_LIST else {}
-            stack.append([value, _sub_dict(sub), keys, 0, n_children, 0, None, None, _MISSING])
+        if kind == "build":
+            value = _build(data, sub, run)
+        elif kind == "obj":
+            cls, idx, template, marks = data
+            obj = _new(cls)
+            if idx >= 0:
+                run.nodes[idx] = obj
+            d = obj.__dict__
+            d.update(template)
+            stack.append([d, _sub_dict(sub), keys, 0, 0, None, kind, marks])
+            value = obj
+        elif kind == "list" or kind == "dict":
+            value = [] if kind == "list" else {}
+            stack.append([value, _sub_dict(sub), keys, 0, 0, None, kind, None])
         else:  # a tuple or another pytree, built once its children are
-            stack.append([None, _sub_dict(sub), keys, 0, n_children, 0, [], data, _MISSING])
+            stack.append([None, _sub_dict(sub), keys, 0, 0, [], kind, data])
             value = _MISSING
         if value is not _MISSING:
             if parent is None:
                 result = value
             else:
-                holder = parent[0]
-                if holder is None:
-                    parent[6].append(value)
-                elif type(holder) is list:
-                    holder.append(value)
-                else:
-                    holder[key] = value
-        while stack and stack[-1][3] == stack[-1][4]:
+                _place(parent, key, value)
+        while stack and stack[-1][3] == len(stack[-1][2]):
             done = stack.pop()
-            if done[5] != len(done[1]):
+            if done[4] != len(done[1]):
                 raise _Mismatch
-            if done[8] is not _MISSING:  # an Object: refax's entry goes last
-                done[0][_STATE_ATTR] = new_state(trace, done[8])
-            elif done[6] is not None:
+            if done[6] == "obj":  # refax's entry goes last
+                done[0][_STATE_ATTR] = _object_state(run.trace, done[7])
+            elif done[6] == "pytree":
                 entry = done[7]
                 if entry[0] == TUPLE:
-                    value = tuple(done[6])
+                    value = tuple(done[5])
                 else:
-                    value = jax.tree_util.tree_unflatten(entry[1], done[6])
+                    value = jax.tree_util.tree_unflatten(entry[1], done[5])
                 if stack:
                     parent = stack[-1]
                     _place(parent, parent[2][parent[3] - 1], value)
@@ -244,69 +347,11 @@ def run_plan(graphdef: GraphDef, state: Any, copy: bool) -> Any:
     return result
 
 
-def _build_object(step: _ObjStep, s: dict, nodes: list[Any], copy: bool, trace: Any) -> Any:
-    """An Object with its statics, state leaves and simple sub-Objects (each complete, with
-    its bookkeeping entry); the caller completes the Object itself."""
-    obj = _new(step.cls)
-    if step.idx >= 0:
-        nodes[step.idx] = obj
-    d = obj.__dict__
-    d.update(step.template)
-    for name, from_parts, idx, frozen in step.leaves:
-        leaf = s.get(name, _MISSING)
-        if leaf is _MISSING or type(leaf) is dict:
-            raise _Mismatch
-        if idx == -2:  # a raw array
-            d[name] = leaf._raw_value if isinstance(leaf, Variable) else leaf
-            continue
-        if isinstance(leaf, Variable):
-            if copy:
-                leaf = from_parts(leaf._raw_value, frozen.mapping, frozen)
-        else:
-            leaf = from_parts(leaf, frozen.mapping, frozen)
-        if idx >= 0:
-            nodes[idx] = leaf
-        d[name] = leaf
-    for name, child in step.simple:
-        cs = s.get(name, _NO_STATE)
-        if type(cs) is not dict:
-            cs = _sub_dict(cs)
-        c = _build_object(child, cs, nodes, copy, trace)  # (no simple children of its own)
-        if len(cs) != child.n_found:
-            raise _Mismatch
-        st = _new(ObjectState)
-        st.trace_state = trace
-        st.tracked = False
-        st.layout = st.snap = None
-        if child.marks is not None:
-            st.static_names, st.data_names = child.marks
-        c.__dict__[_STATE_ATTR] = st
-        d[name] = c
-    return obj
-
-
 def _place(frame: list[Any], key: Any, value: Any) -> None:
-    holder = frame[_HOLDER]
+    holder = frame[0]
     if holder is None:
-        frame[_OUT].append(value)
+        frame[5].append(value)
     elif type(holder) is list:
         holder.append(value)
     else:
         holder[key] = value
-
-
-def _leaf(entry: tuple, sub: Any, nodes: list[Any], copy: bool) -> Any:
-    op = entry[0]
-    if op == STATIC:
-        return entry[1]
-    if sub is _MISSING or type(sub) is dict:
-        raise _Mismatch
-    if op == ARR:
-        return sub._raw_value if isinstance(sub, Variable) else sub
-    frozen = entry[3]
-    if isinstance(sub, Variable):
-        var = entry[1]._from_parts(sub._raw_value, frozen.mapping, frozen) if copy else sub
-    else:
-        var = entry[1]._from_parts(sub, frozen.mapping, frozen)
-    nodes[entry[2]] = var  # (leaves in containers are rare: always recorded)
-    return var
