@@ -3,11 +3,6 @@
 ``from refax import nnx`` or ``import refax as nnx`` gives the whole public API, flat.
 """
 
-from refax import _filters as filterlib
-from refax import _graph as graphlib
-from refax import _rngs as rnglib
-from refax import _statelib as statelib
-from refax import _variables as variablelib
 from refax import errors as errors
 from refax import nn as nn
 from refax import spmd as spmd
@@ -201,4 +196,10 @@ from refax.typing import Initializer as Initializer
 
 PureState = tuple  # tuple[GraphDef, State]
 
-from refax import nnx as nnx  # noqa: E402  (the module re-exports this namespace)
+# ``refax.nnx`` re-exports this namespace (so it comes last), plus the reference's module paths
+from refax import nnx as nnx  # noqa: E402
+from refax.nnx import filterlib as filterlib  # noqa: E402
+from refax.nnx import graphlib as graphlib  # noqa: E402
+from refax.nnx import rnglib as rnglib  # noqa: E402
+from refax.nnx import statelib as statelib  # noqa: E402
+from refax.nnx import variablelib as variablelib  # noqa: E402

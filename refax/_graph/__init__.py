@@ -1,4 +1,7 @@
-"""The object graph <-> pytree boundary (see README.md in this folder)."""
+"""The object graph <-> pytree boundary (see README.md in this folder).
+
+The public graph API (``__all__``) is re-exported by ``refax`` and ``refax.nnx.graphlib``.
+"""
 
 from refax._graph._api import GraphState as GraphState
 from refax._graph._api import as_pure as as_pure
@@ -21,7 +24,31 @@ from refax._graph._api import state as state
 from refax._graph._api import unpack as unpack
 from refax._graph._api import update as update
 from refax._graph._api import variables as variables
-from refax._graph._flatten import flatten as flatten
 from refax._graph._flatten import is_graph_node as is_graph_node
 from refax._graph._graphdef import GraphDef as GraphDef
-from refax._graph._unflatten import unflatten as unflatten
+
+__all__ = [
+    "GraphDef",
+    "GraphState",
+    "as_pure",
+    "call",
+    "clone",
+    "find_duplicates",
+    "graphdef",
+    "is_graph_node",
+    "iter_children",
+    "iter_graph",
+    "iter_module_children",
+    "iter_modules",
+    "map",
+    "merge",
+    "pop",
+    "pure",
+    "recursive_map",
+    "set_metadata",
+    "split",
+    "state",
+    "unpack",
+    "update",
+    "variables",
+]

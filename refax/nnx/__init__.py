@@ -1,0 +1,17 @@
+"""``from refax import nnx``: the whole public API under the name the documented API uses.
+
+Code written for the reference NNX implementation runs after one changed import line
+(``from refax import nnx``). The flat namespace is refax's own (``import refax as nnx`` works
+too); the submodules here are thin aliases mapping the reference's import paths
+(``from flax.nnx import graphlib``, ``nnx.statelib.State``, ...) onto refax's modules, whose
+implementation stays where refax's design puts it.
+"""
+
+from refax import *  # noqa: F403
+from refax.nnx import filterlib as filterlib
+from refax.nnx import graphlib as graphlib
+from refax.nnx import rnglib as rnglib
+from refax.nnx import statelib as statelib
+from refax.nnx import variablelib as variablelib
+
+graph = graphlib  # the reference's older name of the same module
