@@ -397,23 +397,23 @@ def iter_graph(node: Any, *, graph: bool | None = None) -> Iterator[tuple[tuple,
             yield path, value
 
 
-def iter_modules(node: Any) -> Iterator[tuple[tuple, Module]]:
+def iter_modules(node: Any, *, graph: bool | None = None) -> Iterator[tuple[tuple, Module]]:
     """Yields ``(path, module)`` for every Module reachable from ``node`` (root last)."""
-    for path, value in iter_graph(node):
+    for path, value in iter_graph(node, graph=graph):
         if isinstance(value, Module):
             yield path, value
 
 
-def iter_children(node: Any) -> Iterator[tuple[Any, Any]]:
+def iter_children(node: Any, *, graph: bool | None = None) -> Iterator[tuple[Any, Any]]:
     """Yields ``(key, child)`` for the immediate graph-node children of ``node``."""
     for key, value in _children(node):
         if is_graph_node(value):
             yield key, value
 
 
-def iter_module_children(node: Any) -> Iterator[tuple[Any, Module]]:
+def iter_module_children(node: Any, *, graph: bool | None = None) -> Iterator[tuple[Any, Module]]:
     """Like :func:`iter_children`, but only Module children."""
-    for key, value in iter_children(node):
+    for key, value in iter_children(node, graph=graph):
         if isinstance(value, Module):
             yield key, value
 
@@ -536,13 +536,14 @@ def call(graph_state: tuple[GraphDef, Any], /) -> _CallProxy:
     return _CallProxy(graphdef_, tuple(states))
 
 
-def recursive_map(f: Callable[[tuple, Any], Any], node: Any) -> Any:
+def recursive_map(f: Callable[[tuple, Any], Any], node: Any, *, graph: bool | None = None) -> Any:
     """Rebuilds a copy of ``node`` bottom-up, replacing each node or leaf by ``f(path, value)``.
 
     The input is not modified (it is cloned first); shared nodes are mapped once. Raises
-    ValueError on a reference cycle, which has no bottom to start from.
+    ValueError on a reference cycle, which has no bottom to start from, and in tree mode
+    (``graph=False``) on any shared reference.
     """
-    node = clone(node)
+    node = clone(node, graph=graph)
     done: dict[int, Any] = {}
     active: set[int] = set()
     result: list[Any] = []

@@ -8,6 +8,7 @@ implementation stays where refax's design puts it.
 """
 
 from refax import *  # noqa: F403
+from refax.nnx import compat as compat
 from refax.nnx import filterlib as filterlib
 from refax.nnx import graphlib as graphlib
 from refax.nnx import rnglib as rnglib
