@@ -23,10 +23,15 @@ from refax._filters import PathContains as PathContains
 from refax._filters import WithTag as WithTag
 from refax._graph import GraphDef as GraphDef
 from refax._graph import GraphState as GraphState
+from refax._graph import MergeContext as MergeContext
+from refax._graph import SplitContext as SplitContext
+from refax._graph import UpdateContext as UpdateContext
 from refax._graph import as_pure as as_pure
 from refax._graph import call as call
 from refax._graph import clone as clone
+from refax._graph import current_update_context as current_update_context
 from refax._graph import find_duplicates as find_duplicates
+from refax._graph import flatten as flatten
 from refax._graph import graphdef as graphdef
 from refax._graph import iter_children as iter_children
 from refax._graph import iter_graph as iter_graph
@@ -34,14 +39,18 @@ from refax._graph import iter_module_children as iter_module_children
 from refax._graph import iter_modules as iter_modules
 from refax._graph import map as map
 from refax._graph import merge as merge
+from refax._graph import merge_context as merge_context
 from refax._graph import pop as pop
 from refax._graph import pure as pure
 from refax._graph import recursive_map as recursive_map
 from refax._graph import set_metadata as set_metadata
 from refax._graph import split as split
+from refax._graph import split_context as split_context
 from refax._graph import state as state
+from refax._graph import unflatten as unflatten
 from refax._graph import unpack as unpack
 from refax._graph import update as update
+from refax._graph import update_context as update_context
 from refax._graph import variables as variables
 from refax._object import Data as Data
 from refax._object import Module as Module
@@ -50,6 +59,7 @@ from refax._object import Pytree as Pytree
 from refax._object import Static as Static
 from refax._object import check_pytree as check_pytree
 from refax._object import data as data
+from refax._object import dataclass as dataclass
 from refax._object import has_data as has_data
 from refax._object import is_data as is_data
 from refax._object import register_data_type as register_data_type
@@ -79,6 +89,10 @@ from refax._transforms._control import cond as cond
 from refax._transforms._control import fori_loop as fori_loop
 from refax._transforms._control import switch as switch
 from refax._transforms._control import while_loop as while_loop
+from refax._transforms._extract import NodeStates as NodeStates
+from refax._transforms._extract import from_tree as from_tree
+from refax._transforms._extract import prefix as prefix
+from refax._transforms._extract import to_tree as to_tree
 from refax._transforms._jit import jit as jit
 from refax._transforms._misc import cached_partial as cached_partial
 from refax._transforms._misc import checkify as checkify
@@ -110,12 +124,15 @@ from refax._variables import Perturbation as Perturbation
 from refax._variables import Variable as Variable
 from refax._variables import VariableMetadata as VariableMetadata
 from refax._variables import register_variable_name as register_variable_name
+from refax._variables import var_defaults as var_defaults
 from refax._variables import variable_name_from_type as variable_name_from_type
 from refax._variables import variable_type_from_name as variable_type_from_name
 from refax._variables import with_metadata as with_metadata
 from refax._view import view as view
 from refax._view import view_info as view_info
 from refax._view import with_attributes as with_attributes
+from refax._with_vars import vars_as as vars_as
+from refax._with_vars import with_vars as with_vars
 from refax.nn import RNN as RNN
 from refax.nn import BatchNorm as BatchNorm
 from refax.nn import Bidirectional as Bidirectional
@@ -192,6 +209,7 @@ from refax.training import Optimizer as Optimizer
 from refax.training import OptState as OptState
 from refax.training import OptVariable as OptVariable
 from refax.training import optimizer as optimizer
+from refax.training._train_state import TrainState as TrainState
 from refax.typing import Initializer as Initializer
 
 PureState = tuple  # tuple[GraphDef, State]
@@ -202,4 +220,5 @@ from refax.nnx import filterlib as filterlib  # noqa: E402
 from refax.nnx import graphlib as graphlib  # noqa: E402
 from refax.nnx import rnglib as rnglib  # noqa: E402
 from refax.nnx import statelib as statelib  # noqa: E402
+from refax.nnx import traversals as traversals  # noqa: E402
 from refax.nnx import variablelib as variablelib  # noqa: E402

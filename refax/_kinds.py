@@ -32,6 +32,7 @@ KIND: dict[type, int] = {
     dict: K_DICT,
     np.ndarray: K_ARRAY,
     jax.ShapeDtypeStruct: K_ARRAY,
+    jax.Ref: K_ARRAY,  # JAX's mutable array reference: state, like an array
 }
 
 

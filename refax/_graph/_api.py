@@ -21,11 +21,11 @@ from refax._graph._flatten import (
     sorted_keys,
     tree_children,
 )
-from refax._graph._graphdef import GraphDef
+from refax._graph._graphdef import ARR, VAR, GraphDef
 from refax._graph._plan import _Mismatch, run_plan
 from refax._graph._unflatten import as_dict, merge_dicts, unflatten
 from refax._object import Module, Pytree
-from refax._statelib import State
+from refax._statelib import FlatState, State, from_flat_state
 from refax._tracers import EPOCH, current_trace
 from refax._variables import Variable, _set_raw
 from refax.errors import GraphStructureError
@@ -33,6 +33,7 @@ from refax.errors import GraphStructureError
 A = TypeVar("A")
 _STATE_ATTR = "_pytree__state"
 _API_KEY = "api"  # key prefix of split/state/graphdef walks in ObjectState.walks
+_MISSING_ARG: Any = object()
 
 
 def _normalize_filters(filters: tuple) -> tuple:
@@ -41,14 +42,67 @@ def _normalize_filters(filters: tuple) -> tuple:
     return filters
 
 
-def _check_tree_mode(result: FlattenResult, graph: bool | None) -> None:
+def _check_tree_mode(result: FlattenResult, graph: bool | None, node: Any) -> bool:
+    """Raises if ``graph`` resolves to tree mode and the walk met a node twice (or an object
+    that is not a pytree); returns the resolved mode."""
     if graph is None:
         graph = graph_mode_default()
-    if not graph and result.num_refs:
-        raise ValueError(
-            "Shared references found in tree mode (graph=False): an object is reachable by "
-            "more than one path. Use graph mode (graph=True) or remove the sharing."
-        )
+    if not graph:
+        if result.num_refs:
+            raise tree_mode_error(node)
+        refs = [leaf for leaf in result.leaves if type(leaf) is jax.Ref]
+        if len({id(r) for r in refs}) != len(refs):
+            raise ValueError(
+                "Tree mode (graph=False) does not support shared references: the same "
+                "jax.Ref is found at paths more than once. Pass graph=True or remove the "
+                "sharing."
+            )
+        for path, value in _not_pytrees(node):
+            raise not_a_pytree_error(value, path)
+    return graph
+
+
+def _not_pytrees(node: Any) -> Iterator[tuple[tuple, Any]]:
+    """The objects declared ``pytree=False`` reachable from ``node``, with their paths."""
+    for path, value in iter_graph(node):
+        if isinstance(value, Pytree) and not type(value)._refax_pytree:
+            yield path, value
+
+
+def not_a_pytree_error(value: Any, path: tuple) -> ValueError:
+    shown = "/".join(str(k) for k in path) or "<root>"
+    return ValueError(
+        f"{type(value).__name__} is declared with pytree=False, so tree mode (graph=False) "
+        f"cannot walk it. Found at path: {shown}. Pass graph=True, or make the class a "
+        "pytree (subclass nnx.Pytree / nnx.Module without pytree=False)."
+    )
+
+
+def tree_mode_error(node: Any, what: str = "split") -> ValueError:
+    """The error for a shared reference or a cycle met in tree mode (``graph=False``)."""
+    groups = find_duplicates(node)
+    shown = ""
+    if groups:
+        paths = groups[0]
+        value = node
+        for key in paths[0]:
+            value = value.__dict__[key] if isinstance(value, Pytree) else value[key]
+        listed = "\n".join(f"  - {'/'.join(str(k) for k in p) or '<root>'}" for p in paths)
+        shown = f": the same {type(value).__name__} is found at paths:\n\n{listed}\n\n"
+    return ValueError(
+        f"Tree mode (graph=False) does not support shared references or cycles ({what})"
+        f"{shown or '. '}Pass graph=True (graph mode keeps sharing), or remove the sharing."
+    )
+
+
+def _tree(graphdef: GraphDef, graph: bool) -> GraphDef:
+    """The GraphDef as a tree-mode one (its ``nodes`` describe a pytree) when ``graph`` is
+    False; the same structure, and equal to the graph-mode one."""
+    if graph or graphdef.tree:
+        return graphdef
+    twin = GraphDef(graphdef.ops, graphdef.num_leaves, graphdef.num_nodes, graphdef.outer, True)
+    twin._plan = graphdef._plan
+    return twin
 
 
 def _walk_owned(node: Any, filters: tuple) -> tuple[FlattenResult, bool]:
@@ -83,7 +137,9 @@ def _walk(node: Any, filters: tuple) -> FlattenResult:
     return _walk_owned(node, filters)[0]
 
 
-def _states(result: FlattenResult, owned: bool) -> list[State]:
+def _states(result: FlattenResult, owned: bool) -> list[Any]:
+    if result.graphdef.ops[0][0] in (VAR, ARR):  # a bare leaf: it is its own state
+        return [s[None] if None in s else State({}) for s in result.states]
     if owned:
         return [State._from_dict_unsafe(s) for s in result.states]
     # the cache keeps these dicts: the States copy them on their first write
@@ -117,8 +173,8 @@ def split(node: A, *filters: Any, graph: bool | None = None) -> tuple[Any, ...]:
       (['w'], ['n'])
     """
     result, owned = _walk_owned(node, filters)
-    _check_tree_mode(result, graph)
-    return (result.graphdef, *_states(result, owned))
+    graph = _check_tree_mode(result, graph, node)
+    return (_tree(result.graphdef, graph), *_states(result, owned))
 
 
 def state(node: Any, *filters: Any, graph: bool | None = None) -> Any:
@@ -141,7 +197,7 @@ def state(node: Any, *filters: Any, graph: bool | None = None) -> Any:
     else:
         result, owned = _walk_owned(node, ())
         states = _states(result, owned)
-    _check_tree_mode(result, graph)
+    _check_tree_mode(result, graph, node)
     return states[0] if len(states) == 1 else tuple(states)
 
 
@@ -151,39 +207,91 @@ variables = state
 def graphdef(node: Any, *, graph: bool | None = None) -> GraphDef:
     """Returns only the GraphDef of ``node``."""
     result = _walk(node, ())
-    _check_tree_mode(result, graph)
-    return result.graphdef
+    graph = _check_tree_mode(result, graph, node)
+    return _tree(result.graphdef, graph)
 
 
 def merge(
-    graphdef: GraphDef | Any,
-    state: Any = None,
+    graphdef: GraphDef | Any = _MISSING_ARG,
+    state: Any = _MISSING_ARG,
     /,
     *states: Any,
     copy: bool = False,
+    recreate_variables: bool = True,
     graph: bool | None = None,
 ) -> Any:
     """Rebuilds objects from a GraphDef and the State(s) that ``split`` produced.
 
     Variables in the States are reused (so the merged object shares them) unless
-    ``copy=True``.
+    ``copy=True``. A raw value where the GraphDef has a Variable is wrapped in a new Variable
+    of that type, unless ``recreate_variables=False`` (then it is placed as it is). The first
+    argument may also be a :class:`GraphState` (what ``unpack`` returns): then every argument
+    must be one, with the same GraphDef.
 
     Raises:
       GraphStructureError: when a State lacks a value the GraphDef needs or has extra ones.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from refax import nnx
+      >>> model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+      >>> graphdef, state = nnx.split(model)
+      >>> copy = nnx.merge(graphdef, state)
+      >>> copy is model, copy.kernel is model.kernel
+      (False, True)
     """
+    if graphdef is _MISSING_ARG:
+        raise TypeError("merge() missing 1 required positional argument: 'graphdef'")
     if isinstance(graphdef, GraphState):
-        rest = (state, *states) if state is not None else states
-        graphdef, state, states = graphdef.graphdef, graphdef.state, rest
-    if state is None:
-        raise TypeError("merge needs a State: merge(graphdef, state, *states).")
+        parts = (state, *states) if state is not _MISSING_ARG else states
+        for other in parts:
+            if not isinstance(other, GraphState):
+                raise ValueError(
+                    f"Expected GraphState objects after a GraphState, got "
+                    f"{type(other).__name__}: pass what unpack() returned, e.g. "
+                    "merge(*nnx.unpack(node, ...))."
+                )
+            if other._graphdef != graphdef._graphdef:
+                raise ValueError(
+                    "The GraphDef must be the same for every GraphState passed to merge: "
+                    "these come from different graphs. Merge the GraphStates of one unpack()."
+                )
+        graphdef, state, states = (
+            graphdef._graphdef,
+            graphdef._state,
+            tuple(p._state for p in parts),
+        )
+    if state is _MISSING_ARG:
+        raise TypeError(
+            "merge() missing 1 required positional argument: 'state' (pass the State(s) "
+            "split() returned with this GraphDef)"
+        )
     if not isinstance(graphdef, GraphDef):
         raise TypeError(
             f"merge expects a GraphDef as first argument, got {type(graphdef).__name__}; "
             "call it as merge(graphdef, state, ...)."
         )
-    parts = [s.state if isinstance(s, GraphState) else s for s in (state, *states)]
-    merged = merge_dicts(parts)
+    parts = [_part(s) for s in (state, *states)]
+    if graphdef.ops[0][0] in (VAR, ARR):  # a bare leaf: the one part that holds it
+        leaf = [p for p in parts if not (isinstance(p, (State, dict)) and not p)]
+        merged = leaf[0] if len(leaf) == 1 else merge_dicts(parts)
+    else:
+        merged = merge_dicts(parts)
+    if not recreate_variables:
+        return unflatten(graphdef, merged, copy_variables=copy, recreate_variables=False)
     return _build(graphdef, merged, copy)
+
+
+def _part(s: Any) -> Any:
+    """One argument of merge as a nested dict (or a bare leaf)."""
+    if isinstance(s, GraphState):
+        return s._state
+    if isinstance(s, FlatState):
+        leaves = s.leaves
+        if len(leaves) == 1 and s.paths == ((),):  # a bare leaf's flat state
+            return leaves[0]
+        return from_flat_state(s)
+    return s
 
 
 def _build(graphdef: GraphDef, state: dict, copy: bool) -> Any:
@@ -216,9 +324,16 @@ def update(node: Any, state: Any, /, *states: Any, graph: bool | None = None) ->
       GraphStructureError: naming the path when the State has a key ``node`` lacks.
     """
     trace = current_trace()
+    if isinstance(node, Variable):  # a bare Variable: its one (non-empty) state
+        for s in (state, *states):
+            if isinstance(s, Variable):
+                _write_variable(node, s, trace)
+            elif not isinstance(s, (State, dict, GraphState)):
+                _write_variable(node, s, trace)
+        return
     for s in (state, *states):
         if isinstance(s, GraphState):
-            s = s.state
+            s = s._state
         _update(node, as_dict(s), trace)
 
 
@@ -323,18 +438,29 @@ def _write_variable(current: Variable, sub: Any, trace: Any) -> None:
 _MISSING = object()
 
 
-def clone(node: A, *, arrays: bool = False, graph: bool | None = None) -> A:
-    """Deep copy of ``node`` via split/merge: new Objects and Variables, sharing preserved.
+def clone(node: A, variables: bool = True, *, arrays: bool = False, graph: bool | None = None) -> A:
+    """Deep copy of ``node`` via split/merge: new Objects, sharing preserved.
 
-    Array buffers are shared unless ``arrays=True`` (needed before donating buffers).
+    Variables are copied too unless ``variables=False`` (then the copy holds the same
+    Variable objects); array buffers are shared unless ``arrays=True`` (needed before
+    donating buffers).
+
+    Example:
+      >>> from refax import nnx
+      >>> model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+      >>> copy = nnx.clone(model)
+      >>> copy is model, copy.kernel is model.kernel
+      (False, False)
     """
     result = _walk(node, ())
-    _check_tree_mode(result, graph)
+    _check_tree_mode(result, graph, node)
     st = result.states[0]
+    if result.graphdef.ops[0][0] in (VAR, ARR):
+        st = st[None]
     if arrays:
         st = jax.tree.map(lambda x: jnp.array(x, copy=True), State._from_dict_unsafe(st))
         st = st._mapping
-    return _build(result.graphdef, st, True)
+    return _build(result.graphdef, st, variables)
 
 
 def pop(node: Any, *filters: Any) -> Any:
@@ -375,8 +501,17 @@ def iter_graph(node: Any, *, graph: bool | None = None) -> Iterator[tuple[tuple,
     """Yields ``(path, value)`` for every node and leaf reachable from ``node``.
 
     Shared objects are visited once; children come before their parent (the root is last).
+    In tree mode (``graph=False``) an object reached twice (shared, or a cycle) is an error,
+    and so is an object declared ``pytree=False``.
+
+    Example:
+      >>> from refax import nnx
+      >>> model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+      >>> [path for path, value in nnx.iter_graph(model) if isinstance(value, nnx.Param)]
+      [('bias',), ('kernel',)]
     """
-    seen: set[int] = set()
+    tree_mode = not (graph_mode_default() if graph is None else graph)
+    seen: dict[int, tuple] = {}
     stack: list[list[Any]] = [[node, (), None]]  # [value, path, children iterator]
     while stack:
         frame = stack[-1]
@@ -384,9 +519,13 @@ def iter_graph(node: Any, *, graph: bool | None = None) -> Iterator[tuple[tuple,
         if it is None:
             if is_graph_node(value):
                 if id(value) in seen:
+                    if tree_mode:
+                        raise _met_twice(value, seen[id(value)], path)
                     stack.pop()
                     continue
-                seen.add(id(value))
+                seen[id(value)] = path
+                if tree_mode and isinstance(value, Pytree) and not type(value)._refax_pytree:
+                    raise not_a_pytree_error(value, path)
             has_children = isinstance(value, Pytree) or _is_container(value)
             it = frame[2] = iter(_children(value) if has_children else ())
         for key, child in it:
@@ -395,6 +534,17 @@ def iter_graph(node: Any, *, graph: bool | None = None) -> Iterator[tuple[tuple,
         else:
             stack.pop()
             yield path, value
+
+
+def _met_twice(value: Any, first: tuple, second: tuple) -> ValueError:
+    def show(path: tuple) -> str:
+        return "/".join(str(k) for k in path) or "<root>"
+
+    return ValueError(
+        f"Tree mode (graph=False) does not support shared references or cycles: the same "
+        f"{type(value).__name__} is found at paths:\n\n  - {show(first)}\n  - {show(second)}"
+        "\n\nPass graph=True (graph mode keeps sharing), or remove the sharing."
+    )
 
 
 def iter_modules(node: Any, *, graph: bool | None = None) -> Iterator[tuple[tuple, Module]]:
@@ -406,6 +556,9 @@ def iter_modules(node: Any, *, graph: bool | None = None) -> Iterator[tuple[tupl
 
 def iter_children(node: Any, *, graph: bool | None = None) -> Iterator[tuple[Any, Any]]:
     """Yields ``(key, child)`` for the immediate graph-node children of ``node``."""
+    tree_mode = not (graph_mode_default() if graph is None else graph)
+    if tree_mode and isinstance(node, Pytree) and not type(node)._refax_pytree:
+        raise not_a_pytree_error(node, ())
     for key, value in _children(node):
         if is_graph_node(value):
             yield key, value
@@ -418,27 +571,60 @@ def iter_module_children(node: Any, *, graph: bool | None = None) -> Iterator[tu
             yield key, value
 
 
-def find_duplicates(node: Any) -> list[list[tuple]]:
-    """Lists groups of paths that reach the same Object or Variable."""
+def find_duplicates(node: Any, /, *, only: Any = ...) -> list[list[tuple]]:
+    """Lists groups of paths that reach the same Object or Variable (those matching the
+    filter ``only``, by default all of them).
+
+    Example:
+      >>> from refax import nnx
+      >>> linear = nnx.Linear(1, 1, rngs=nnx.Rngs(0))
+      >>> nnx.find_duplicates({"a": linear, "b": linear})
+      [[('a',), ('b',)]]
+    """
+    pred = to_predicate(only)
     paths: dict[int, list[tuple]] = {}
+    values: dict[int, Any] = {}
     stack: list[tuple[Any, tuple]] = [(node, ())]
     while stack:
         value, path = stack.pop()
         if is_graph_node(value):
             seen = paths.setdefault(id(value), [])
+            values[id(value)] = value
             seen.append(path)
             if len(seen) > 1:
                 continue
         if isinstance(value, Pytree) or _is_container(value):
             stack.extend((child, (*path, key)) for key, child in reversed(_children(value)))
-    return [p for p in paths.values() if len(p) > 1]
+    return [p for i, p in paths.items() if len(p) > 1 and (only is ... or pred(p[0], values[i]))]
 
 
 # -- functional helpers ----------------------------------------------------------------------
-def map(f: Callable[[tuple, Any], Any], node: A, *, graph: bool | None = None) -> A:  # noqa: A001
-    """Returns a new node whose state values are ``f(path, variable_or_array)``."""
+def map(  # noqa: A001
+    f: Callable[[tuple, Any], Any],
+    node: A,
+    /,
+    *,
+    graph: bool | None = None,
+    recreate_variables: bool = True,
+) -> A:
+    """Returns a new node whose state leaves are ``f(path, leaf)`` (the leaves are the
+    Variables and raw arrays; a raw value returned for a Variable is wrapped in a Variable of
+    the same type unless ``recreate_variables=False``).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from refax import nnx
+      >>> model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+      >>> zeros = nnx.map(lambda path, x: jnp.zeros_like(x), model)
+      >>> type(zeros.kernel).__name__, float(zeros.kernel[...].sum())
+      ('Param', 0.0)
+    """
     graphdef_, st = split(node, graph=graph)
-    return merge(graphdef_, st.map(f))
+    if isinstance(st, State):
+        st = st.map(f)
+    else:  # a bare leaf
+        st = f((), st)
+    return merge(graphdef_, st, recreate_variables=recreate_variables)
 
 
 def set_metadata(node: Any, *args: Any, only: Any = Variable, **metadata: Any) -> None:
@@ -462,52 +648,99 @@ pure = as_pure
 
 
 class GraphState(MutableMapping):
-    """A GraphDef bundled with one State (``unpack`` returns these).
+    """A GraphDef bundled with one State (what ``unpack`` returns).
 
-    A mutable mapping over the State with attribute access, a JAX pytree (the GraphDef is
-    static), and accepted by ``merge``/``update`` in place of ``(graphdef, state)``.
+    A mutable mapping over the State, with attribute access; a JAX pytree with the same key
+    paths as the State (the GraphDef is static data); accepted by ``merge`` and ``update`` in
+    place of ``(graphdef, state)``.
+
+    Attributes:
+      _graphdef: the GraphDef.
+      _state: the State.
     """
 
-    __slots__ = ("graphdef", "state")
+    __slots__ = ("_graphdef", "_state")
 
     def __init__(self, graphdef: GraphDef, state: State):
-        object.__setattr__(self, "graphdef", graphdef)
-        object.__setattr__(self, "state", state)
+        if not isinstance(state, State):
+            raise ValueError(
+                f"GraphState expects a State, got {type(state).__name__}: pass the State "
+                "split() returned with this GraphDef."
+            )
+        object.__setattr__(self, "_graphdef", graphdef)
+        object.__setattr__(self, "_state", state)
+
+    @property
+    def graphdef(self) -> GraphDef:
+        return self._graphdef
+
+    @property
+    def state(self) -> State:
+        return self._state
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self.state, name)
+        return getattr(self._state, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._state, name, value)
 
     def __getitem__(self, key: Any) -> Any:
-        return self.state[key]
+        return self._state[key]
 
     def __setitem__(self, key: Any, value: Any) -> None:
-        self.state[key] = value
+        self._state[key] = value
 
     def __delitem__(self, key: Any) -> None:
-        del self.state[key]
+        del self._state[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._state
 
     def __iter__(self):
-        return iter(self.state)
+        return iter(self._state)
 
     def __len__(self) -> int:
-        return len(self.state)
+        return len(self._state)
 
     def __repr__(self) -> str:
-        return f"GraphState({self.graphdef!r}, {self.state!r})"
+        return f"GraphState({self._graphdef!r}, {self._state!r})"
+
+
+def _graph_state_flatten_with_keys(g: GraphState):
+    m = g._state._mapping
+    keys = tuple(sorted_keys(m))
+    return [(jax.tree_util.DictKey(k), m[k]) for k in keys], (g._graphdef, keys)
+
+
+def _graph_state_flatten(g: GraphState):
+    m = g._state._mapping
+    keys = tuple(sorted_keys(m))
+    return [m[k] for k in keys], (g._graphdef, keys)
+
+
+def _graph_state_unflatten(aux: tuple, children: Any) -> GraphState:
+    graphdef_, keys = aux
+    return GraphState(graphdef_, State._from_dict_unsafe(dict(zip(keys, children))))
 
 
 jax.tree_util.register_pytree_with_keys(
-    GraphState,
-    lambda g: (((jax.tree_util.GetAttrKey("state"), g.state),), g.graphdef),
-    lambda graphdef, children: GraphState(graphdef, children[0]),
-    lambda g: ((g.state,), g.graphdef),
+    GraphState, _graph_state_flatten_with_keys, _graph_state_unflatten, _graph_state_flatten
 )
 
 
-def unpack(node: Any, *filters: Any) -> GraphState | tuple[GraphState, ...]:
-    """Like ``split`` but returns GraphStates bundling the GraphDef with each State (a single
-    GraphState for zero or one filter)."""
-    graphdef_, *states = split(node, *filters)
+def unpack(node: Any, *filters: Any, graph: bool | None = None) -> GraphState | tuple:
+    """Like ``split``, but bundles the GraphDef with each State in a :class:`GraphState` (a
+    single GraphState for zero or one filter).
+
+    Example:
+      >>> from refax import nnx
+      >>> params, rest = nnx.unpack(nnx.BatchNorm(2, rngs=nnx.Rngs(0)), nnx.Param, ...)
+      >>> sorted(params), sorted(rest)
+      (['bias', 'scale'], ['mean', 'var'])
+      >>> type(nnx.merge(params, rest)).__name__
+      'BatchNorm'
+    """
+    graphdef_, *states = split(node, *filters, graph=graph)
     out = tuple(GraphState(graphdef_, s) for s in states)
     return out[0] if len(out) == 1 else out
 
@@ -521,13 +754,25 @@ class _CallProxy:
     def __getattr__(self, name: str) -> _CallProxy:
         return _CallProxy(self._graphdef, self._states, (*self._path, name))
 
+    def __getitem__(self, key: Any) -> _CallProxy:
+        return _CallProxy(self._graphdef, self._states, (*self._path, _Item(key)))
+
     def __call__(self, *args: Any, **kwargs: Any) -> tuple[Any, tuple[GraphDef, State]]:
         node = merge(self._graphdef, *self._states)
         fn = node
         for name in self._path:
-            fn = getattr(fn, name)
+            fn = fn[name.key] if isinstance(name, _Item) else getattr(fn, name)
         out = fn(*args, **kwargs)
         return out, split(node)
+
+
+class _Item:
+    """A ``[key]`` step of a :class:`_CallProxy` path."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key: Any):
+        self.key = key
 
 
 def call(graph_state: tuple[GraphDef, Any], /) -> _CallProxy:

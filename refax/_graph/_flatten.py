@@ -26,6 +26,7 @@ from typing import Any
 import jax
 
 from refax._graph._graphdef import ARR, DICT, LIST, OBJ, REF, STATIC, TREE, TUPLE, VAR, GraphDef
+from refax._graph._refmap import RefMap
 from refax._kinds import (
     K_ARRAY,
     K_DICT,
@@ -42,7 +43,7 @@ from refax._kinds import (
 from refax._object import Pytree
 from refax._statelib import State
 from refax._variables import Variable
-from refax.errors import FilterError, GraphStructureError, UnhashableStaticError
+from refax.errors import FilterError, UnhashableStaticError
 
 _STATE_ATTR = "_pytree__state"
 _ARR_ENTRY = (ARR,)
@@ -294,18 +295,36 @@ def flatten(
     *,
     filters_repr: Sequence[Any] = (),
     with_paths: bool = False,
+    ref_index: RefMap | None = None,
 ) -> FlattenResult:
     """Walks ``root`` once and returns its GraphDef, nested state dicts and bookkeeping.
 
     Args:
-      root: any value: an Object, a Variable, or a pytree containing them.
+      root: any value: an Object, a Variable, or a pytree containing them. A bare Variable or
+        array is a leaf at the empty path (its state dict holds it under the key ``None``).
       predicates: one predicate per output state; each leaf goes to the first that matches.
         ``None`` puts every leaf into a single state.
       filters_repr: the filters behind ``predicates``, for the error message.
       with_paths: also list the path of every leaf (``FlattenResult.paths``).
+      ref_index: node numbering shared with earlier walks (``split_context``): nodes it
+        holds become references, new nodes are numbered after them and added to it.
     """
     walker = _Walker(predicates, with_paths)
-    walker.run(root)
+    if ref_index is not None:
+        walker.seen = ref_index._index
+        walker.nodes.extend([None] * len(ref_index))  # (global numbering: see RefMap)
+        walker.witness.cacheable = False
+        try:
+            walker.run(root)
+        except BaseException:
+            for node in walker.nodes[len(ref_index._objects) :]:
+                ref_index._index.pop(id(node), None)
+            raise
+        objects = ref_index._objects
+        for node in walker.nodes[len(objects) :]:
+            objects[id(node)] = node
+    else:
+        walker.run(root)
     if walker.unmatched:
         unmatched = walker.unmatched
         shown = ", ".join(repr(path_str(p)) for p in unmatched[:5])
@@ -358,7 +377,8 @@ class _Walker:
         return (*(frame[4] for frame in self.stack[1:]), key)
 
     def leaf(self, v: Any, k: int, key: Any, path: tuple | None, outs: list[dict]) -> None:
-        """Records a state leaf (a Variable, array or value marked data) found at ``key``."""
+        """Records a state leaf (a Variable, array or value marked data) found at ``key`` of
+        the node at ``path`` (``key`` None and ``path`` None: the root itself is the leaf)."""
         if k == K_VAR:
             idx = self.seen.get(id(v))
             if idx is not None:
@@ -376,7 +396,7 @@ class _Walker:
             self.ops.append(_ARR_ENTRY)
         self.leaves.append(v)
         if self.need_paths:
-            path = path + (key,)  # type: ignore[operator]
+            path = () if path is None else path + (key,)
             if self.paths is not None:
                 self.paths.append(path)
             if not self.single:
@@ -499,13 +519,16 @@ class _Walker:
 
     def run(self, root: Any) -> None:
         k_root = kind_of(root)
-        if k_root in (K_VAR, K_ARRAY):
-            raise GraphStructureError(
-                f"Cannot split a bare {type(root).__name__}: the State needs a path for it. "
-                "Wrap it in a Module or a container, e.g. split([variable])."
-            )
-        if k_root in (K_STATIC, K_OTHER):  # (a root tuple is walked even when all static)
-            self.ops.append((STATIC, _hashable_static(root, ())))
+        if (k_root == K_OBJ or k_root == K_VAR) and id(root) in self.seen:
+            idx = self.seen[id(root)]  # met by an earlier walk sharing the numbering
+            self.num_refs += 1
+            self.ref_targets.add(idx)
+            self.ops.append((REF, idx))
+            return
+        if k_root in (K_VAR, K_ARRAY, K_STATIC, K_OTHER):
+            # a bare leaf (any other value too: split(42) hands 42 back as its state); state
+            # dicts hold it under None. (A root tuple is walked even when all static.)
+            self.leaf(root, K_VAR if k_root == K_VAR else K_ARRAY, None, None, self.states)
             return
         single, need_paths, n_states = self.single, self.need_paths, self.n_states
         seen, ops, ref_targets, leaf, open_ = (

@@ -30,6 +30,7 @@ hashing run in C; the hash is cached.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
@@ -96,19 +97,35 @@ class GraphDef:
       num_nodes: how many graph nodes (Objects and Variables) the graph holds.
     """
 
-    __slots__ = ("ops", "num_leaves", "num_nodes", "_hash", "_plan", "__weakref__")
+    __slots__ = ("ops", "num_leaves", "num_nodes", "outer", "tree", "_hash", "_plan")
+    __slots__ += ("_nodes", "__weakref__")
 
-    def __init__(self, ops: tuple, num_leaves: int, num_nodes: int):
+    def __init__(
+        self,
+        ops: tuple,
+        num_leaves: int,
+        num_nodes: int,
+        outer: tuple[int, ...] | None = None,
+        tree: bool = False,
+    ):
         self.ops = ops
         self.num_leaves = num_leaves
         self.num_nodes = num_nodes
+        # node index -> the index the node has outside a transform (-1: none); set by
+        # ``flatten(ref_outer_index=...)``, used by ``unflatten(outer_index_outer_ref=...)``
+        self.outer = outer
+        self.tree = tree  # made in tree mode (graph=False); not part of equality
         self._hash: int | None = None
         self._plan: Any = None  # compiled merge plan (see _plan.py), built on first merge
+        self._nodes: tuple | None = None
+
+    def __class_getitem__(cls, item: Any) -> Any:  # ``GraphDef[Module]`` in annotations
+        return cls
 
     def __hash__(self) -> int:
         h = self._hash
         if h is None:
-            h = self._hash = hash((self.ops, self.num_leaves))
+            h = self._hash = hash((self.ops, self.num_leaves, self.outer))
         return h
 
     def __eq__(self, other: object) -> bool:
@@ -118,7 +135,16 @@ class GraphDef:
             return NotImplemented
         if self.num_leaves != other.num_leaves or hash(self) != hash(other):
             return False
-        return self.ops == other.ops
+        return self.ops == other.ops and self.outer == other.outer
+
+    @property
+    def nodes(self) -> tuple:
+        """The graph's nodes as descriptors, in pre-order: :class:`NodeDef` (an Object or
+        container), :class:`VariableDef`, :class:`NodeRef` (a node met before), or, for a
+        GraphDef made in tree mode, a single :class:`TreeNodeDef`."""
+        if self._nodes is None:
+            self._nodes = _describe(self)
+        return self._nodes
 
     @property
     def type(self) -> type | None:
@@ -140,7 +166,94 @@ class GraphDef:
         return f"GraphDef(num_nodes={self.num_nodes}, num_leaves={self.num_leaves},\n{body}\n)"
 
     def __reduce__(self):
-        return (GraphDef, (self.ops, self.num_leaves, self.num_nodes))
+        return (GraphDef, (self.ops, self.num_leaves, self.num_nodes, self.outer, self.tree))
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeDef:
+    """A graph node in ``GraphDef.nodes``: an Object (``type`` its class, ``index`` its node
+    index) or a container (``type`` list, tuple, dict or the pytree's type, ``index`` -1)."""
+
+    type: type
+    index: int
+    attributes: tuple
+    metadata: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class VariableDef:
+    """A Variable in ``GraphDef.nodes``: its type, node index and metadata."""
+
+    type: type
+    index: int
+    metadata: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeRef:
+    """A node met before (shared), in ``GraphDef.nodes``: the index of its first visit."""
+
+    index: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TreeNodeDef:
+    """A GraphDef made in tree mode (``graph=False``), in ``GraphDef.nodes``: the root's type
+    and ``path_index``, the ``(path, leaf index)`` of every state leaf, sorted by path."""
+
+    type: Any
+    path_index: tuple
+
+
+def leaf_paths(ops: tuple) -> list[tuple]:
+    """The path of every state leaf of an encoding, in walk order (one pass, any depth)."""
+    paths: list[tuple] = []
+    stack: list[list[Any]] = []  # [keys of the node's children, next child, path]
+    for entry in ops:
+        if stack:
+            top = stack[-1]
+            path = (*top[2], top[0][top[1]])
+            top[1] += 1
+        else:
+            path = ()
+        op = entry[0]
+        if op == VAR or op == ARR:
+            paths.append(path)
+        elif arity(entry) or op in (OBJ, LIST, TUPLE, DICT, TREE):
+            stack.append([entry_keys(entry), 0, path])
+        while stack and stack[-1][1] == len(stack[-1][0]):
+            stack.pop()
+    return paths
+
+
+def _describe(graphdef: GraphDef) -> tuple:
+    ops = graphdef.ops
+    if graphdef.tree:
+        paths = leaf_paths(ops)
+        order = sorted(range(len(paths)), key=lambda i: _path_key(paths[i]))
+        root = ops[0]
+        root_type = root[1] if root[0] in (OBJ, VAR) else _CONTAINER_TYPES.get(root[0])
+        return (TreeNodeDef(root_type, tuple((paths[i], i) for i in order)),)
+    out: list[Any] = []
+    for entry in ops:
+        op = entry[0]
+        if op == OBJ:
+            out.append(NodeDef(entry[1], entry[2], (*entry[3], *entry[5]), entry[6]))
+        elif op == VAR:
+            out.append(VariableDef(entry[1], entry[2], entry[3]))
+        elif op == REF:
+            out.append(NodeRef(entry[1]))
+        elif op in _CONTAINER_TYPES:
+            container = _CONTAINER_TYPES[op] if op != TREE else entry[1]
+            out.append(NodeDef(container, -1, entry_keys(entry)))
+    return tuple(out)
+
+
+_CONTAINER_TYPES = {LIST: list, TUPLE: tuple, DICT: dict, TREE: "pytree"}
+
+
+def _path_key(path: tuple) -> tuple:
+    return tuple((0, k) if isinstance(k, int) else (1, str(k)) for k in path)
 
 
 def render(ops: tuple) -> list[str]:

@@ -104,6 +104,8 @@ def unflatten(
     existing: dict[int, Any] | None = None,
     flat: bool = False,
     nodes_out: list[Any] | None = None,
+    index_ref: dict[int, Any] | None = None,
+    recreate_variables: bool = True,
 ) -> Any:
     """Builds the graph described by ``graphdef``, taking leaves from the nested ``state`` dict.
 
@@ -114,17 +116,23 @@ def unflatten(
       copy_variables: build new Variables even when the state holds Variables.
       existing: node index -> object to update in place instead of creating a new one.
       nodes_out: if given, receives the built nodes by index.
+      index_ref: node numbering shared with earlier rebuilds (``merge_context``): references
+        to the nodes it holds resolve to them; the nodes built are added to it.
+      recreate_variables: wrap a raw value found where the GraphDef has a Variable in a new
+        Variable of that type (False: place the raw value as it is).
     """
     ops = graphdef.ops
     nodes: list[Any] = [None] * graphdef.num_nodes
     if nodes_out is not None:
         nodes_out[:] = nodes
         nodes = nodes_out
+    if index_ref:
+        for idx, node in index_ref.items():
+            if idx < len(nodes):
+                nodes[idx] = node
     leaf_iter = iter(state) if flat else None
     changed = False
     trace = current_trace()
-    if ops[0][0] in (VAR, ARR):
-        raise GraphStructureError("A GraphDef of a bare Variable or array cannot be merged.")
     stack: list[_Frame] = []
     result: Any = None
     for entry in ops:
@@ -163,6 +171,8 @@ def unflatten(
                         changed = True
                 value = target
             elif isinstance(sub, Variable) and not copy_variables:
+                value = sub
+            elif not recreate_variables and not isinstance(sub, Variable):
                 value = sub
             else:
                 raw = sub._raw_value if isinstance(sub, Variable) else sub
@@ -208,6 +218,8 @@ def unflatten(
                 result = value
     if changed:
         bump_epoch()
+    if index_ref is not None:
+        index_ref.update((i, n) for i, n in enumerate(nodes) if n is not None)
     return result
 
 

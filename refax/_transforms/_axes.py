@@ -21,18 +21,29 @@ from jax.sharding import PartitionSpec
 
 from refax._graph._flatten import flatten
 from refax._transforms._lift import is_node
-from refax._transforms._prefix import StateAxes, StateSharding, _CarryType, _FilterMap
+from refax._transforms._prefix import (
+    LeafPrefix,
+    ObjectPrefix,
+    StateAxes,
+    StateSharding,
+    _CarryType,
+)
 from refax._variables import Variable
 
 
 def is_axis_leaf(x: Any) -> bool:
     """A leaf of an axes prefix (vmap/pmap/scan): an int, None, StateAxes or Carry."""
-    return x is None or isinstance(x, (int, StateAxes, _CarryType))
+    return x is None or isinstance(x, (int, StateAxes, _CarryType)) or _is_other_leaf_prefix(x)
 
 
 def is_spec_leaf(x: Any) -> bool:
     """A leaf of a specs prefix (shard_map): a PartitionSpec, None or StateSharding."""
-    return x is None or isinstance(x, (PartitionSpec, StateSharding))
+    return x is None or isinstance(x, (PartitionSpec, StateSharding)) or _is_other_leaf_prefix(x)
+
+
+def _is_other_leaf_prefix(x: Any) -> bool:
+    """A per-leaf prefix that fits any transform (``nnx.prefix``'s TreeState, ...)."""
+    return isinstance(x, LeafPrefix) and not isinstance(x, (StateAxes, StateSharding))
 
 
 _is_axis_leaf = is_axis_leaf
@@ -54,7 +65,7 @@ def broadcast_prefix(
     """
     if is_leaf(prefix):
         leaves = jax.tree_util.tree_leaves(tree, is_leaf=is_node)
-        if isinstance(prefix, _FilterMap) and not is_node(tree) and leaves:
+        if isinstance(prefix, LeafPrefix) and not is_node(tree) and leaves:
             raise ValueError(
                 f"{what}: nnx.{type(prefix).__name__} can only be used directly on an object "
                 f"(Module, Variable, ...), not as the prefix of a {type(tree).__name__}. Give "
@@ -62,6 +73,9 @@ def broadcast_prefix(
             )
         return [prefix] * len(leaves)
     if is_node(tree):
+        if type(prefix) is type(tree) and not isinstance(tree, Variable):
+            # an object-shaped prefix (nnx.prefix(..., graph=False)): looked up per leaf
+            return [ObjectPrefix(prefix)] * len(jax.tree_util.tree_leaves(tree, is_leaf=is_node))
         raise ValueError(
             f"{what}: an object can only take {_KINDS.get(is_leaf, 'a leaf')} as its prefix, "
             f"got {type(prefix).__name__}."
@@ -115,7 +129,7 @@ def args_prefixes(
 
 def leaf_axis(prefix: Any, path: tuple, leaf: Any) -> Any:
     """The axis (or spec) of one state leaf of an object whose prefix is ``prefix``."""
-    if isinstance(prefix, _FilterMap):
+    if isinstance(prefix, LeafPrefix):
         return prefix.lookup(path, leaf)
     return prefix
 

@@ -33,7 +33,48 @@ __all__ = ["StateSharding", "DiffState", "StateAxes", "Carry", "PARTITION_NAME"]
 PARTITION_NAME = "partition_name"
 
 
-class _FilterMap:
+class LeafPrefix:
+    """A prefix given to one object that resolves to a value per state leaf: ``lookup(path,
+    leaf)`` is the value (axis, sharding, ...) of the leaf at ``path`` inside the object."""
+
+    def lookup(self, path: tuple, leaf: Any) -> Any:
+        raise NotImplementedError
+
+
+class ObjectPrefix(LeafPrefix):
+    """A prefix shaped like the object it describes (what ``nnx.prefix(..., graph=False)``
+    returns): each state leaf's value is found at the same path in the prefix object; a
+    value met on the way down (not a container) covers everything below it."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: Any):
+        self.obj = obj
+
+    def lookup(self, path: tuple, leaf: Any) -> Any:
+        node = self.obj
+        for key in path:
+            if isinstance(key, str) and hasattr(node, "__dict__") and key in vars(node):
+                node = vars(node)[key]
+            elif isinstance(node, (dict, list, tuple)) or hasattr(node, "__getitem__"):
+                try:
+                    node = node[key]
+                except (KeyError, IndexError, TypeError):
+                    raise ValueError(
+                        f"The prefix object has no entry at '{'.'.join(map(str, path))}'."
+                    ) from None
+            else:
+                return node
+        return node
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is ObjectPrefix and other.obj is self.obj  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return id(self.obj)
+
+
+class _FilterMap(LeafPrefix):
     """An ordered filter -> value mapping; the first matching filter wins."""
 
     def __init__(self, mapping: Mapping[Any, Any] | tuple[tuple[Any, Any], ...]):
@@ -177,7 +218,7 @@ def resolve_leaf_prefixes(inputs: Any, args: tuple, kwargs: dict, prefixes: Any)
 
 
 def _leaf_value(prefix: Any, path: tuple, leaf: Any) -> Any:
-    if isinstance(prefix, _FilterMap):
+    if isinstance(prefix, LeafPrefix):
         return prefix.lookup(path, leaf)
     mapping = getattr(prefix, "_mapping", prefix)
     if isinstance(mapping, dict):

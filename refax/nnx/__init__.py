@@ -9,10 +9,16 @@ implementation stays where refax's design puts it.
 
 from refax import *  # noqa: F403
 from refax.nnx import compat as compat
+from refax.nnx import extract as extract
 from refax.nnx import filterlib as filterlib
 from refax.nnx import graphlib as graphlib
+from refax.nnx import helpers as helpers
+from refax.nnx import ids as ids
+from refax.nnx import module as module
+from refax.nnx import pytreelib as pytreelib
 from refax.nnx import rnglib as rnglib
 from refax.nnx import statelib as statelib
+from refax.nnx import traversals as traversals
 from refax.nnx import variablelib as variablelib
 
 graph = graphlib  # the reference's older name of the same module

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from refax._graph import GraphState
 from refax._graph import state as _state
 from refax._graph import update as _update
 from refax._object import Pytree
@@ -161,6 +162,8 @@ class Optimizer(Pytree):
           **kwargs: extra arguments for optax (e.g. ``value``, ``grad``, ``value_fn``).
         """
         params = _state(model, self.wrt)
+        if isinstance(grads, GraphState):  # (what nnx.grad returns for unpack()ed inputs)
+            grads = grads._state
         if isinstance(grads, State):
             grads = _only_wrt(grads, self.wrt)
         raw_params = _pure(params)
