@@ -18,25 +18,56 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping, MutableSequence
 from typing import Any
 
-from refax._object import Module, _Marker
+from refax._object import Module, _check_static, _Marker
+from refax._tracers import bump_epoch
 
 _STATE_ATTR = "_pytree__state"
 
+_Entry = tuple[Any, "str | None"]  # (item, 'data' | 'static' | None: its nnx.data/static mark)
 
-def _unwrap(value: Any) -> Any:
-    return value.value if type(value) is _Marker else value
+
+def _entry(value: Any) -> _Entry:
+    return (value.value, value.kind) if type(value) is _Marker else (value, None)
 
 
 class List(Module, MutableSequence):
-    """A Module holding a mutable sequence of children under integer keys."""
+    """A Module holding a mutable sequence of children under integer keys.
+
+    Items may be wrapped in :func:`refax.data` / :func:`refax.static` to mark them data or
+    static (for ``jax.tree`` functions and the GraphDef); the mark moves with the item when
+    items are inserted or deleted before it.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from refax import nnx
+      >>> ls = nnx.List([jnp.ones(2), nnx.static(3), nnx.data(0.5)])
+      >>> jax.tree.leaves(ls)
+      [Array([1., 1.], dtype=float32), 0.5]
+    """
 
     def __init__(self, items: Iterable[Any] = ()):
-        for item in items:
-            self.append(item)
+        entries = [_entry(item) for item in items]
+        if any(kind is not None for _, kind in entries):
+            self._write(entries)
+        else:
+            d = self.__dict__
+            for i, (item, _) in enumerate(entries):
+                d[i] = item
 
     def _items(self) -> list[Any]:
         d = self.__dict__
         return [d[i] for i in range(self._len())]
+
+    def _entries(self) -> list[_Entry]:
+        d = self.__dict__
+        st = d[_STATE_ATTR]
+        static_names, data_names = st.static_names, st.data_names
+        if not static_names and not data_names:
+            return [(d[i], None) for i in range(self._len())]
+        return [
+            (d[i], "static" if i in static_names else "data" if i in data_names else None)
+            for i in range(self._len())
+        ]
 
     def _len(self) -> int:
         n = 0
@@ -45,13 +76,27 @@ class List(Module, MutableSequence):
             n += 1
         return n
 
-    def _write(self, items: list[Any]) -> None:
+    def _write(self, entries: list[_Entry]) -> None:
+        """Replaces every item (and every item's mark) with ``entries``."""
         self._check_trace()
+        for i, (item, kind) in enumerate(entries):
+            if kind == "static":
+                _check_static(self, i, item, "marker")
         d = self.__dict__
+        st = d[_STATE_ATTR]
         for i in range(self._len()):
             del d[i]
-        for i, item in enumerate(items):
-            d[i] = _unwrap(item)
+        for i, (item, _) in enumerate(entries):
+            d[i] = item
+        # the marks of the items: int keys, rebuilt from scratch (other keys are kept)
+        static_names = {n for n in st.static_names if type(n) is not int}
+        data_names = {n for n in st.data_names if type(n) is not int}
+        static_names.update(i for i, (_, kind) in enumerate(entries) if kind == "static")
+        data_names.update(i for i, (_, kind) in enumerate(entries) if kind == "data")
+        if static_names != st.static_names or data_names != st.data_names:
+            st.static_names, st.data_names = frozenset(static_names), frozenset(data_names)
+            bump_epoch()  # marks are part of a walk's structure (refax/_graph/README.md)
+        st.layout = st.snap = None
 
     def __len__(self) -> int:
         return self._len()
@@ -60,27 +105,30 @@ class List(Module, MutableSequence):
         return self._items()[index]
 
     def __setitem__(self, index: Any, value: Any) -> None:
-        items = self._items()
+        entries = self._entries()
         if isinstance(index, slice):
-            items[index] = [_unwrap(v) for v in value]
+            entries[index] = [_entry(v) for v in value]
         else:
-            items[index] = value
-        self._write(items)
+            entries[index] = _entry(value)
+        self._write(entries)
 
     def __delitem__(self, index: Any) -> None:
-        items = self._items()
-        del items[index]
-        self._write(items)
+        entries = self._entries()
+        del entries[index]
+        self._write(entries)
 
     def insert(self, index: int, value: Any) -> None:
-        items = self._items()
-        items.insert(index, value)
-        self._write(items)
+        entries = self._entries()
+        entries.insert(index, _entry(value))
+        self._write(entries)
 
     def append(self, value: Any) -> None:
+        if type(value) is _Marker:
+            self._write([*self._entries(), _entry(value)])
+            return
         self._check_trace()
         d = self.__dict__
-        d[self._len()] = _unwrap(value)
+        d[self._len()] = value
 
     def __iter__(self) -> Iterator[Any]:
         return iter(self._items())

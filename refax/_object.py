@@ -36,8 +36,12 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+import sys
+import typing
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from types import MappingProxyType
+from typing import Annotated, Any, TypeVar
 
 import jax
 import numpy as np
@@ -56,6 +60,7 @@ __all__ = [
     "static",
     "Data",
     "Static",
+    "dataclass",
     "register_data_type",
     "is_data",
     "has_data",
@@ -120,35 +125,196 @@ class _Marker:
     kind: str  # 'data' | 'static'
 
 
-def data(value: Any = _MISSING, **field_kwargs: Any) -> Any:
-    """Marks a value assigned to an attribute as data (state), e.g. ``self.x = nnx.data(x)``.
+_FIELD_KEY = "refax_kind"  # dataclass field metadata key set by data() / static()
 
-    Without a value it returns a dataclass field specifier for :func:`dataclass`.
+
+def _field(kind: str, field_kwargs: dict[str, Any]) -> Any:
+    metadata = dict(field_kwargs.pop("metadata", None) or {})
+    if _FIELD_KEY in metadata:
+        raise ValueError(f"nnx.{kind}(metadata=...) cannot contain the key {_FIELD_KEY!r}.")
+    metadata[_FIELD_KEY] = kind
+    return dataclasses.field(metadata=metadata, **field_kwargs)
+
+
+def data(value: Any = _MISSING, /, **field_kwargs: Any) -> Any:
+    """Marks an attribute as data (pytree state), whatever its value.
+
+    ``self.x = nnx.data(value)`` stores ``value`` and marks ``x`` as data from then on: a
+    Python number, or any value refax would otherwise keep static, becomes a state leaf. The
+    mark stays until the attribute is assigned with :func:`static`.
+
+    Called without a value, it is a field specifier for :func:`dataclass` (or a plain
+    ``dataclasses.dataclass``): ``x: int = nnx.data()`` marks ``x`` as data in every instance
+    of the class; ``field_kwargs`` (``default``, ``default_factory``, ``init``, ``kw_only``,
+    ...) go to ``dataclasses.field``.
+
+    Args:
+      value: the value to assign.
+      **field_kwargs: ``dataclasses.field`` options (only without ``value``).
+
+    Returns:
+      A marker to assign to an attribute, or a dataclass field.
+
+    Example:
+      >>> import jax
+      >>> from refax import nnx
+      >>> class Foo(nnx.Pytree):
+      ...   def __init__(self):
+      ...     self.lr = nnx.data(0.1)  # a pytree leaf
+      ...     self.name = 'foo'        # static
+      >>> jax.tree.leaves(Foo())
+      [0.1]
     """
     if value is _MISSING:
-        return dataclasses.field(metadata={"refax_kind": "data"}, **field_kwargs)
+        return _field("data", field_kwargs)
+    if field_kwargs:
+        raise TypeError(
+            "nnx.data() takes either a value or dataclass field options, not both: use "
+            "nnx.data(value) in __init__, or `x: T = nnx.data(default=...)` in a class body."
+        )
     return _Marker(value, "data")
 
 
-def static(value: Any = _MISSING, **field_kwargs: Any) -> Any:
-    """Marks a value assigned to an attribute as static (it goes into the GraphDef)."""
+def static(value: Any = _MISSING, /, **field_kwargs: Any) -> Any:
+    """Marks an attribute as static (kept in the GraphDef / pytree treedef), whatever its value.
+
+    ``self.x = nnx.static(value)`` stores ``value`` and marks ``x`` as static from then on. A
+    static value must be hashable and must not hold arrays, Variables or Objects (ValueError
+    otherwise, also for later assignments to the attribute); an instance of a type registered
+    with :func:`register_data_type` may be marked static explicitly.
+
+    Called without a value, it is a field specifier for :func:`dataclass`:
+    ``x: int = nnx.static()``.
+
+    Args:
+      value: the value to assign.
+      **field_kwargs: ``dataclasses.field`` options (only without ``value``).
+
+    Returns:
+      A marker to assign to an attribute, or a dataclass field.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from refax import nnx
+      >>> class Foo(nnx.Pytree):
+      ...   def __init__(self):
+      ...     self.w = jnp.ones(2)
+      ...     self.sizes = nnx.static((2,))
+      >>> jax.tree.structure(Foo()).num_leaves
+      1
+    """
     if value is _MISSING:
-        return dataclasses.field(metadata={"refax_kind": "static"}, **field_kwargs)
+        return _field("static", field_kwargs)
+    if field_kwargs:
+        raise TypeError(
+            "nnx.static() takes either a value or dataclass field options, not both: use "
+            "nnx.static(value) in __init__, or `x: T = nnx.static(default=...)` in a class body."
+        )
     return _Marker(value, "static")
 
 
-class _AnnotationMarker:
+class _Tag:
+    """The metadata that ``nnx.Data[T]`` / ``nnx.Static[T]`` put in ``typing.Annotated``."""
+
     def __init__(self, kind: str):
         self.kind = kind
 
-    def __getitem__(self, item: Any) -> Any:
-        return item
+    def __repr__(self) -> str:
+        return f"nnx.{self.kind.capitalize()}"
 
 
-Data = _AnnotationMarker("data")
-Static = _AnnotationMarker("static")
+_DATA_TAG = _Tag("data")
+_STATIC_TAG = _Tag("static")
+_A = TypeVar("_A")
+
+Data = Annotated[_A, _DATA_TAG]
+Data.__doc__ = """Annotation marking a class attribute as data: ``x: nnx.Data[int]``.
+
+Deprecated (a DeprecationWarning when the class is defined): prefer ``x: int = nnx.data()``.
+``nnx.Data[T]`` is ``typing.Annotated[T, nnx.Data]``, so type checkers see ``T``.
+"""
+Static = Annotated[_A, _STATIC_TAG]
+Static.__doc__ = """Annotation marking a class attribute as static: ``x: nnx.Static[int]``.
+
+Deprecated (a DeprecationWarning when the class is defined): prefer ``x: int = nnx.static()``.
+"""
+
+
+def _annotation_kind(cls: type, annotation: Any) -> str | None:
+    """'data' / 'static' for an ``nnx.Data[...]`` / ``nnx.Static[...]`` annotation, else None."""
+    if isinstance(annotation, str):  # `from __future__ import annotations`: resolve the head
+        head = annotation.strip("'\" ").split("[", 1)[0].strip()
+        if not head.endswith(("Data", "Static")):
+            return None
+        first, *rest = head.split(".")
+        obj = getattr(sys.modules.get(cls.__module__), first, None)
+        for part in rest:
+            obj = getattr(obj, part, None)
+        if obj is None and first == "nnx" and rest in (["Data"], ["Static"]):
+            return rest[0].lower()  # the module's `nnx` is not reachable (a local import)
+        return "data" if obj is Data else "static" if obj is Static else None
+    if typing.get_origin(annotation) is Annotated:
+        for tag in annotation.__metadata__:
+            if tag is _DATA_TAG or tag is _STATIC_TAG:
+                return tag.kind
+    return None
+
+
+def _class_statement_level() -> int:
+    """The warning stack level of the ``class`` statement being run (the first frame above
+    ``_declared_marks`` that is neither in this file nor an ``__init_subclass__``)."""
+    level, frame = 2, sys._getframe(2)  # level 1 is _declared_marks, which warns
+    while frame is not None and (
+        frame.f_code.co_filename == __file__ or frame.f_code.co_name == "__init_subclass__"
+    ):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _declared_marks(cls: type) -> tuple[frozenset, frozenset] | None:
+    """The attributes ``cls`` (with its bases) declares static / data: ``nnx.Data`` /
+    ``nnx.Static`` annotations and ``nnx.data()`` / ``nnx.static()`` dataclass fields."""
+    static_names: set = set()
+    data_names: set = set()
+    for base in reversed(cls.__mro__[1:]):
+        marks = base.__dict__.get("_refax_marks")
+        if marks is not None:
+            static_names = (static_names - marks[1]) | marks[0]
+            data_names = (data_names - marks[0]) | marks[1]
+    own: dict[str, str] = {}
+    for name, annotation in cls.__dict__.get("__annotations__", {}).items():
+        kind = _annotation_kind(cls, annotation)
+        if kind is not None:
+            warnings.warn(
+                f"{cls.__name__}.{name}: nnx.{kind.capitalize()}[...] annotations are "
+                f"deprecated; write `{name}: T = nnx.{kind}()` instead.",
+                DeprecationWarning,
+                stacklevel=_class_statement_level(),
+            )
+            own[name] = kind
+    for name, value in cls.__dict__.items():
+        if isinstance(value, dataclasses.Field) and _FIELD_KEY in value.metadata:
+            kind = value.metadata[_FIELD_KEY]
+            if own.get(name, kind) != kind:
+                raise ValueError(
+                    f"{cls.__name__}.{name} is annotated nnx.{own[name].capitalize()}[...] but "
+                    f"declared with nnx.{kind}(): keep one of the two."
+                )
+            own[name] = kind
+    for name, kind in own.items():
+        if kind == "static":
+            static_names.add(name)
+            data_names.discard(name)
+        else:
+            data_names.add(name)
+            static_names.discard(name)
+    if not static_names and not data_names:
+        return None
+    return frozenset(static_names), frozenset(data_names)
+
 
 _DATA_TYPES: tuple[type, ...] = (jax.Array, np.ndarray, Variable)
+_STATE_TYPES: tuple[type, ...] = (jax.Array, np.ndarray, Variable)  # + Pytree, below
 
 
 def register_data_type(typ: type) -> type:
@@ -175,10 +341,25 @@ def has_data(value: Any) -> list[Any]:
 
 
 def check_pytree(obj: Any) -> None:
-    """Re-validates every attribute of ``obj`` (static ones must be hashable)."""
+    """Re-validates every attribute of ``obj``.
+
+    Attributes marked static (:func:`static`, or declared so by the class) must not hold
+    arrays, Variables or Objects (ValueError); other static values must be hashable
+    (TypeError).
+
+    Args:
+      obj: a Pytree / Object / Module instance.
+
+    Raises:
+      TypeError: ``obj`` is not a Pytree, or a static attribute is unhashable.
+      ValueError: an attribute marked static holds data.
+    """
     if not isinstance(obj, Pytree):
         raise TypeError(f"check_pytree expects an Object, got {type(obj).__name__}.")
+    static_names = obj.__dict__[_STATE_ATTR].static_names
     for name, value in vars(obj).items():
+        if name in static_names:
+            _check_static(obj, name, value, "assigned")
         if name == _STATE_ATTR or is_data(value):
             continue
         try:
@@ -188,6 +369,53 @@ def check_pytree(obj: Any) -> None:
                 f"Attribute {type(obj).__name__}.{name} is static but unhashable "
                 f"({type(value).__name__}); wrap it with nnx.data(...) or use a hashable type."
             ) from None
+
+
+def _state_leaves(value: Any) -> list[Any]:
+    """The arrays, Variables and Objects inside ``value`` (what a static value cannot hold)."""
+    if isinstance(value, _STATE_TYPES):
+        return [value]
+    leaves = jax.tree.leaves(value, is_leaf=lambda x: isinstance(x, (Variable, Pytree)))
+    return [x for x in leaves if isinstance(x, _STATE_TYPES)]
+
+
+def _type_name(value: Any) -> str:
+    if isinstance(value, jax.Array):
+        return "jax.Array"
+    if isinstance(value, np.ndarray):
+        return "numpy.ndarray"
+    return type(value).__name__
+
+
+def _check_static(obj: Pytree, name: Any, value: Any, how: str) -> None:
+    """Raises ValueError if ``value``, for the static attribute ``name``, holds state.
+
+    ``how``: 'marker' (``nnx.static(value)``) or 'assigned' (a plain assignment to an
+    attribute marked static earlier, or declared static by the class)."""
+    found = _state_leaves(value)
+    if not found:
+        return
+    where = f"attribute {name!r} of {type(obj).__name__}"
+    kinds = ", ".join(sorted({_type_name(x) for x in found}))
+    vtype = _type_name(value)
+    if how == "marker":
+        raise ValueError(
+            f"Found data in value of type {vtype!r} marked nnx.static(...) for {where}: it "
+            f"holds {kinds}, which cannot go into the GraphDef. Assign the value without "
+            "nnx.static(...) (or with nnx.data(...)) to keep it as state."
+        )
+    marks = type(obj)._refax_marks
+    if marks is not None and name in marks[0]:
+        raise ValueError(
+            f"Found unexpected data on value of type {vtype!r} for {where}, which the class "
+            f"declares static: it holds {kinds}. Remove the data from the value, or declare "
+            f"the field with nnx.data() instead of nnx.static()."
+        )
+    raise ValueError(
+        f"Found data on value of type {vtype!r} assigned to {where}, which is marked static "
+        f"(nnx.static): it holds {kinds}. Remove the data from the value, or assign it with "
+        f"nnx.data(...) to make the attribute data."
+    )
 
 
 def _is_value_like(value: Any) -> bool:
@@ -215,12 +443,16 @@ class Pytree:
     """
 
     _refax_object = True  # marks graph-node classes for refax._kinds
+    # (static_names, data_names) the class declares (nnx.static()/nnx.data() fields,
+    # nnx.Static/nnx.Data annotations), computed once per class; None when there are none
+    _refax_marks: tuple[frozenset, frozenset] | None = None
 
     def __init_subclass__(cls, pytree: bool = True, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if pytree is not True and pytree is not False:
             raise TypeError(f"pytree= must be True or False, got {pytree!r}.")
         cls._refax_pytree = pytree  # type: ignore[attr-defined]
+        cls._refax_marks = _declared_marks(cls)
         if pytree and "_refax_registered" not in cls.__dict__:
             cls._refax_registered = True  # type: ignore[attr-defined]
             jax.tree_util.register_pytree_with_keys(
@@ -229,7 +461,11 @@ class Pytree:
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
         obj = object.__new__(cls)
-        object.__setattr__(obj, _STATE_ATTR, ObjectState())
+        st = ObjectState()
+        marks = cls._refax_marks
+        if marks is not None:
+            st.static_names, st.data_names = marks
+        object.__setattr__(obj, _STATE_ATTR, st)
         return obj
 
     # -- mutation ---------------------------------------------------------------------------
@@ -250,6 +486,8 @@ class Pytree:
             raise AttributeError(f"{name!r} is refax's bookkeeping entry and cannot be set")
         if type(value) is _Marker:
             value = self._mark(name, value)
+        elif st is not None and name in st.static_names:
+            _check_static(self, name, value, "assigned")
         old = d.get(name, _MISSING)
         if old is value:
             return
@@ -263,6 +501,7 @@ class Pytree:
     def _mark(self, name: str, marker: _Marker) -> Any:
         st: ObjectState = self.__dict__[_STATE_ATTR]
         if marker.kind == "static":
+            _check_static(self, name, marker.value, "marker")
             st.static_names = st.static_names | {name}
             st.data_names = st.data_names - {name}
         else:
@@ -286,6 +525,22 @@ class Pytree:
         st = self.__dict__.get(_STATE_ATTR)
         if st is not None:
             st.layout = st.snap = None
+
+    @property
+    def _pytree__nodes(self) -> Mapping[Any, bool]:
+        """Read-only view, for code written against the reference's private attribute: every
+        attribute name (refax's entry included) mapped to whether it is data right now."""
+        d = self.__dict__
+        st: ObjectState = d[_STATE_ATTR]
+        nodes = {}
+        for name, value in d.items():
+            if name == _STATE_ATTR or name in st.data_names:
+                nodes[name] = True
+            elif name in st.static_names:
+                nodes[name] = False
+            else:
+                nodes[name] = is_data(value)
+        return MappingProxyType(nodes)
 
     # -- copying / pickling ---------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
@@ -315,6 +570,77 @@ class Pytree:
         return treescope_object(self, path, subtree_renderer)
 
 
+_STATE_TYPES = (*_STATE_TYPES, Pytree)
+
+
+_T = TypeVar("_T", bound=type)
+
+
+@typing.dataclass_transform(field_specifiers=(dataclasses.field, data, static))
+def dataclass(
+    cls: _T | None = None,
+    /,
+    *,
+    init: bool = True,
+    eq: bool = True,
+    order: bool = False,
+    unsafe_hash: bool = False,
+    match_args: bool = True,
+    kw_only: bool = False,
+) -> Any:
+    """``dataclasses.dataclass`` for Pytree / Module subclasses.
+
+    Fields declared with :func:`data` or :func:`static` are data or static in every instance
+    (a Python number declared ``nnx.data()`` is a pytree leaf; an array given to a field
+    declared ``nnx.static()`` raises ValueError); the other fields are classified by their
+    values, like any attribute. The generated ``__init__`` assigns through the Pytree's
+    ``__setattr__``, so all of refax's checks apply. refax's own ``repr`` is kept.
+
+    Works with or without arguments: ``@nnx.dataclass`` or ``@nnx.dataclass(kw_only=True)``;
+    the keyword arguments are those of ``dataclasses.dataclass``.
+
+    Args:
+      cls: the class to decorate (a subclass of :class:`Pytree`).
+      init, eq, order, unsafe_hash, match_args, kw_only: as for ``dataclasses.dataclass``.
+
+    Returns:
+      The class (or a decorator, when called without ``cls``).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from refax import nnx
+      >>> @nnx.dataclass
+      ... class Scaler(nnx.Pytree):
+      ...   w: jax.Array
+      ...   scale: float = nnx.data(default=2.0)
+      ...   name: str = nnx.static(default='scaler')
+      >>> s = Scaler(jnp.ones(2))
+      >>> jax.tree.leaves(s)  # in attribute-name order
+      [2.0, Array([1., 1.], dtype=float32)]
+      >>> s.name
+      'scaler'
+    """
+    options = dict(
+        init=init,
+        eq=eq,
+        order=order,
+        unsafe_hash=unsafe_hash,
+        match_args=match_args,
+        kw_only=kw_only,
+        repr=False,
+    )
+
+    def decorate(c: _T) -> _T:
+        if not (isinstance(c, type) and issubclass(c, Pytree)):
+            raise TypeError(
+                f"nnx.dataclass decorates subclasses of nnx.Pytree (or Module), got {c!r}; "
+                "use dataclasses.dataclass for other classes."
+            )
+        return dataclasses.dataclass(c, **options)  # type: ignore[call-overload]
+
+    return decorate if cls is None else decorate(cls)
+
+
 class Object(Pytree, pytree=False):
     """A graph node that is never a JAX pytree (pass it through transforms, not jax.tree)."""
 
@@ -328,13 +654,23 @@ class Object(Pytree, pytree=False):
 
 
 # -- pytree protocol for Pytree subclasses --------------------------------------------------
+def _sorted_names(d: dict) -> list:
+    """The attribute names of ``d`` but refax's entry, sorted (int keys of a List too), so
+    objects with the same attributes have the same treedef whatever the assignment order."""
+    names = [k for k in d if k != _STATE_ATTR]
+    try:
+        names.sort()
+    except TypeError:
+        names.sort(key=lambda k: (type(k).__name__, k))
+    return names
+
+
 def _split_attrs(obj: Pytree) -> tuple[list[str], list[tuple[str, Any]]]:
-    st: ObjectState = obj.__dict__[_STATE_ATTR]
+    d = obj.__dict__
+    st: ObjectState = d[_STATE_ATTR]
     data_names, static_items = [], []
-    for name in obj.__dict__:
-        if name == _STATE_ATTR:
-            continue
-        value = obj.__dict__[name]
+    for name in _sorted_names(d):
+        value = d[name]
         if name in st.static_names:
             static_items.append((name, value))
         elif name in st.data_names or is_data(value):
@@ -354,8 +690,32 @@ def _pytree_flatten_with_keys(obj: Pytree):
         for n in data_names
     ]
     st = obj.__dict__[_STATE_ATTR]
-    marks = (st.static_names, st.data_names)
-    return children, (tuple(data_names), tuple(static_items), marks)
+    return children, (
+        tuple(data_names),
+        tuple(static_items),
+        _Marks(st.static_names, st.data_names),
+    )
+
+
+class _Marks(tuple):
+    """An object's data/static marks in its treedef. Carried to rebuild the object, but not
+    part of the structure: the attribute split the marks decided is already in the treedef,
+    so equal splits are equal trees (a prefix built by ``jax.tree.map(f, obj)`` fits ``obj``,
+    whose rebuilt copy marks as data the attributes whose new values are not arrays)."""
+
+    __slots__ = ()
+
+    def __new__(cls, static_names: frozenset, data_names: frozenset) -> _Marks:
+        return tuple.__new__(cls, (static_names, data_names))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Marks)
+
+    def __ne__(self, other: object) -> bool:
+        return not isinstance(other, _Marks)
+
+    def __hash__(self) -> int:
+        return 0
 
 
 def _pytree_unflatten(cls: type, aux: Any, children: Any) -> Any:
@@ -364,12 +724,34 @@ def _pytree_unflatten(cls: type, aux: Any, children: Any) -> Any:
     d = obj.__dict__
     d.update(static_items)
     d.update(zip(data_names, children))
+    # Children that would not classify as data by value (jax.tree.map(lambda _: 0, obj))
+    # stay data, so the rebuilt object flattens to the same structure.
+    kept = [n for n, c in zip(data_names, children) if n not in data_marks and not is_data(c)]
+    if kept:
+        data_marks = data_marks | frozenset(kept)
     marks = (static_names, data_marks) if static_names or data_marks else None
     d[_STATE_ATTR] = new_object_state(current_trace(), marks)
     return obj
 
 
 # -- Module --------------------------------------------------------------------------------
+def _record_error(
+    action: str, module: Module, name: str, existing: Any, variable_type: type
+) -> ValueError:
+    """The error of ``sow`` / ``perturb`` when attribute ``name`` holds something else."""
+    where = f"{type(module).__name__}.{name}"
+    if not isinstance(existing, Variable):
+        return ValueError(
+            f"Cannot {action} {where}: expected the attribute to be a Variable, got "
+            f"{type(existing).__name__}. Use another name, or delete the attribute first."
+        )
+    return ValueError(
+        f"Cannot {action} {where}: expected the attribute to be of type "
+        f"{variable_type.__name__}, got {type(existing).__name__}. Use another name, or the "
+        f"attribute's own Variable type."
+    )
+
+
 def _tuple_reduce(xs: Any, x: Any) -> tuple:
     return (*xs, x)
 
@@ -443,10 +825,7 @@ class Module(Pytree):
         elif isinstance(existing, variable_type):
             existing.set_value(reduce_fn(existing.get_value(), value))
         else:
-            raise ValueError(
-                f"Cannot sow into {type(self).__name__}.{name}: it holds a "
-                f"{type(existing).__name__}, expected {variable_type.__name__}."
-            )
+            raise _record_error("sow into", self, name, existing, variable_type)
         return True
 
     def perturb(
@@ -489,10 +868,7 @@ class Module(Pytree):
             setattr(self, name, variable_type(jax.tree.map(jnp.zeros_like, value)))
             existing = self.__dict__[name]
         elif not isinstance(existing, variable_type):
-            raise ValueError(
-                f"Cannot perturb {type(self).__name__}.{name}: it holds a "
-                f"{type(existing).__name__}, expected {variable_type.__name__}."
-            )
+            raise _record_error("perturb", self, name, existing, variable_type)
         return jax.tree.map(jnp.add, existing.get_value(), value)
 
     def iter_modules(self) -> Iterator[tuple[tuple, Module]]:
@@ -528,8 +904,9 @@ class Module(Pytree):
                     remaining.discard(name)
         if remaining and raise_if_not_found:
             raise ValueError(
-                f"Could not find attribute(s) {sorted(remaining)} on any sub-Module of "
-                f"{type(self).__name__}; pass raise_if_not_found=False to ignore."
+                "Could not find at least one instance of the following attributes: "
+                f"{sorted(remaining)} among the sub-Modules of {type(self).__name__} (matching "
+                "the filters). Check the names, or pass raise_if_not_found=False to skip them."
             )
 
     def train(self, **attributes: Any) -> None:

@@ -41,13 +41,25 @@ class TraceContextError(RefaxError, RuntimeError):
         ``str(error)`` is exactly the message the documented API prints; the fix is attached
         as an exception note, which tracebacks show.
         """
-        error = cls(f"Cannot mutate {type(obj).__name__} from a different trace level ({cls.DOCS})")
+        name = type(obj).__name__
+        if isinstance(obj, _variable_types()):
+            # The Variable wording is the one the transforms guide records.
+            message = f"Cannot mutate {name} from a different trace level ({cls.DOCS})"
+        else:
+            message = f"Cannot mutate '{name}' from different trace level ({cls.DOCS})"
+        error = cls(message)
         error.add_note(
             f"The {type(obj).__name__} was created outside the current JAX transform and "
             "captured by closure. Pass the object that holds it as an argument to the "
             "transformed function instead."
         )
         return error
+
+
+def _variable_types() -> tuple[type, ...]:
+    from refax._variables import Variable  # errors is imported by _variables
+
+    return (Variable,)
 
 
 class ImmutableVariableError(RefaxError, ValueError):

@@ -347,7 +347,7 @@ def test_trace_context_error_on_setattr_of_captured_module(cls):
     for f in (setter, deleter):
         with pytest.raises(errors.TraceContextError) as info:
             f(1.0)
-        assert str(info.value).startswith(f"Cannot mutate {type(m).__name__} from a different")
+        assert str(info.value).startswith(f"Cannot mutate '{type(m).__name__}' from different")
         assert any("as an argument" in note for note in info.value.__notes__)
     assert m.din == 1
 
