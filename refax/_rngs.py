@@ -199,7 +199,7 @@ class RngStream(_RandomMethods, Pytree):
 
     def __call__(self) -> jax.Array:
         """Returns ``fold_in(key, count)`` and increments ``count`` in place."""
-        self.count._check_trace()
+        self.count._check_writable()
         key, count = self.key[...], self.count[...]
         if key.ndim != 0:
             raise ValueError(
@@ -394,19 +394,56 @@ StreamBackup = tuple  # (stream, key) or (stream, key, count)
 
 
 class SplitBackups:
-    """Backups of stream state; ``restore_rngs`` (or leaving a ``with`` block) restores them."""
+    """The stream states saved by ``split_rngs`` / ``fork_rngs`` before they changed them.
 
-    def __init__(self, backups: Iterable[StreamBackup]):
-        self.backups = list(backups)
+    Iterating gives ``(stream, key, count)`` tuples (``(stream, key)`` from
+    :func:`backup_keys`); :func:`restore_rngs` puts them back, and so does leaving a ``with``
+    block (even on an exception). Immutable, and a JAX pytree whose leaves are the streams'
+    and the saved arrays.
+
+    Args:
+      backups: the ``(stream, key[, count])`` tuples.
+
+    Example:
+      >>> from refax import nnx
+      >>> rngs = nnx.Rngs(0)
+      >>> with nnx.split_rngs(rngs, splits=4) as backups:
+      ...   rngs.default.key.shape, len(backups)
+      ((4,), 1)
+      >>> rngs.default.key.shape
+      ()
+    """
+
+    __slots__ = ("backups",)
+
+    def __init__(self, backups: Iterable[StreamBackup] = ()):
+        object.__setattr__(self, "backups", list(backups))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"SplitBackups is immutable (cannot set {name!r}).")
 
     def __iter__(self) -> Iterator[StreamBackup]:
         return iter(self.backups)
+
+    def __len__(self) -> int:
+        return len(self.backups)
 
     def __enter__(self) -> SplitBackups:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         restore_rngs(self)
+
+    def __repr__(self) -> str:
+        names = ", ".join(repr(b[0].tag) for b in self.backups)
+        return f"SplitBackups(streams=[{names}])"
+
+
+jax.tree_util.register_pytree_node(
+    SplitBackups,
+    lambda b: ((b.backups,), None),
+    lambda _, children: SplitBackups(children[0]),
+)
 
 
 def _streams(node: Any, graph: bool | None) -> Iterator[tuple[tuple, RngStream]]:
@@ -423,8 +460,11 @@ def backup_keys(node: Any, /, *, graph: bool | None = None) -> list[StreamBackup
 
 
 def restore_rngs(backups: Iterable[StreamBackup], /) -> None:
-    """Restores the keys (and counts, for 3-tuples) recorded in ``backups``."""
-    for backup in backups:
+    """Restores the keys (and counts, for 3-tuples) recorded in ``backups``.
+
+    Backups are applied last to first, so a stream saved twice ends in its oldest state.
+    """
+    for backup in reversed(list(backups)):
         stream = backup[0]
         stream.key.set_value(backup[1])
         if len(backup) == 3:

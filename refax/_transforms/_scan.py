@@ -185,7 +185,7 @@ class ScanWrapped:
         if name is not None:
             for var, axis in zip(_leaf_variables(nodes), value_axes):
                 if isinstance(var, Variable) and isinstance(axis, int) and not _is_carry(axis):
-                    _remove_axis(var, axis)
+                    _remove_axis(var, axis, name)
         out = self.fun(*args, **kwargs)
         before = None
         if name is not None:

@@ -67,7 +67,8 @@ def _partition_name(transform_metadata: Mapping[str, Any]) -> Any:
     return transform_metadata.get(PARTITION_NAME) if transform_metadata else None
 
 
-def _remove_axis(var: Variable, axis: int) -> None:
+def _remove_axis(var: Variable, axis: int, name: Any = None) -> None:
+    var.remove_axis(axis, name)  # the Variable type's own callback (hooks, overrides)
     names = var._var_metadata.get(_SHARDING_KEY)
     if isinstance(names, tuple) and -len(names) <= axis < len(names):
         axis %= len(names)
@@ -83,6 +84,7 @@ def _insert_axis(var: Variable, axis: int, name: Any) -> None:
         names = (*names[:axis], name, *names[axis:])
         var._var_metadata = {**var._var_metadata, _SHARDING_KEY: names}
         var._frozen = None
+    var.add_axis(axis, name)
 
 
 class MappedWrapped:
@@ -156,7 +158,7 @@ class MappedWrapped:
         if name is not None:
             for leaf_var, axis in zip(_leaf_variables(nodes), value_axes):
                 if isinstance(leaf_var, Variable) and isinstance(axis, int):
-                    _remove_axis(leaf_var, axis)
+                    _remove_axis(leaf_var, axis, name)
         input_leaves = None if updates else _leaf_variables(nodes)
         out = self._call_fun(args, kwargs, call_extra)
         check_output_types(self.fun, out, type(self).__name__.removesuffix("Wrapped").lower())
