@@ -37,9 +37,9 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -50,16 +50,20 @@ from refax._object import Module
 from refax._variables import Param
 from refax.nn import _checks, dtypes, initializers
 from refax.nn.dtypes import PromoteDtypeFn
-from refax.typing import Dtype, Initializer, PrecisionLike
+from refax.typing import (
+    ConvGeneralDilatedT,
+    Dtype,
+    Initializer,
+    LaxPadding,
+    PaddingLike,
+    PrecisionLike,
+)
 
 if TYPE_CHECKING:
     from refax._rngs import Rngs
 
 __all__ = ["Conv", "ConvTranspose", "canonicalize_padding", "PaddingLike", "LaxPadding"]
 
-PaddingLike: TypeAlias = str | int | Sequence[int | tuple[int, int]]
-LaxPadding: TypeAlias = str | Sequence[tuple[int, int]]
-ConvGeneralDilatedT: TypeAlias = Callable[..., jax.Array]
 
 default_kernel_init = initializers.lecun_normal()
 default_bias_init = initializers.zeros_init()

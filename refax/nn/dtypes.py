@@ -16,16 +16,15 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any, TypeAlias
+from collections.abc import Sequence
+from typing import Any
 
 import jax.numpy as jnp
 
 from refax.typing import Dtype
+from refax.typing import PromoteDtypeFn as PromoteDtypeFn
 
 __all__ = ["canonicalize_dtype", "promote_dtype", "PromoteDtypeFn"]
-
-PromoteDtypeFn: TypeAlias = Callable[..., tuple[Any, ...]]
 
 
 def canonicalize_dtype(*args: Any, dtype: Dtype | None = None, inexact: bool = True) -> Any:

@@ -398,8 +398,9 @@ class Einsum(Module):
     Args:
       einsum_str: an explicit two-operand equation ``'inputs,kernel->outputs'``.
       kernel_shape: shape of the kernel.
-      bias_shape: shape of the bias (``None``: no bias). The bias is broadcast against the
-        output by the labels it shares with the kernel.
+      bias_shape: shape of the bias (an int for a 1-D bias; ``None``: no bias). The bias is
+        broadcast against the output by the labels it shares with the kernel (dims matched by
+        ``...`` included).
       dtype: computation dtype (``None``: inferred).
       param_dtype: dtype of the parameters.
       precision: numerical precision of the einsum.
@@ -449,12 +450,11 @@ class Einsum(Module):
         kernel_dims = _checks.positive_ints(
             "Einsum", "kernel_shape", kernel_shape, "Pass the kernel's shape.", allow_int=False
         )
-        _checks.positive_ints(
+        bias_dims = _checks.positive_ints(
             "Einsum",
             "bias_shape",
             bias_shape,
-            "Pass the bias's shape, or None for no bias.",
-            allow_int=False,
+            "Pass the bias's shape (an int for a 1-D bias), or None for no bias.",
             allow_none=True,
         )
         _check_kernel_rank(einsum_str, kernel_dims)
@@ -462,13 +462,12 @@ class Einsum(Module):
             kernel_init(rngs.params(), tuple(kernel_shape), param_dtype), **kernel_metadata
         )
         self.bias: Param | None = None
-        if bias_shape is not None:
-            self.bias = Param(
-                bias_init(rngs.params(), tuple(bias_shape), param_dtype), **bias_metadata
-            )
+        if bias_dims is not None:
+            bias_dims = tuple(int(d) for d in bias_dims)
+            self.bias = Param(bias_init(rngs.params(), bias_dims, param_dtype), **bias_metadata)
         self.einsum_str = einsum_str
         self.kernel_shape = tuple(kernel_shape)
-        self.bias_shape = None if bias_shape is None else tuple(bias_shape)
+        self.bias_shape = bias_dims
         self.dtype = dtype
         self.param_dtype = param_dtype
         self.precision = precision
@@ -519,25 +518,30 @@ class Einsum(Module):
         return y
 
 
-def _label_sizes(labels: str, shape: tuple[int, ...]) -> dict[str, int]:
+def _split_ellipsis(labels: str, ndim: int) -> tuple[str, int, str]:
+    """``(labels before '...', number of dims '...' stands for, labels after '...')``."""
     if "..." not in labels:
-        return dict(zip(labels, shape))
+        return labels, 0, ""
     pre, post = labels.split("...")
-    sizes = dict(zip(pre, shape[: len(pre)]))
-    sizes.update(zip(post, shape[len(shape) - len(post) :]))
-    return sizes
+    return pre, ndim - len(pre) - len(post), post
 
 
 def _bias_broadcast_shape(
     out_labels: str, kernel_labels: str, kernel_shape: tuple[int, ...], ndim: int
 ) -> tuple[int, ...]:
-    """Output-shaped bias shape: the kernel's size for labels the kernel has, 1 elsewhere."""
-    sizes = _label_sizes(kernel_labels, kernel_shape)
-    if "..." not in out_labels:
-        return tuple(sizes.get(c, 1) for c in out_labels)
-    pre, post = out_labels.split("...")
-    middle = (1,) * (ndim - len(pre) - len(post))
-    return tuple(sizes.get(c, 1) for c in pre) + middle + tuple(sizes.get(c, 1) for c in post)
+    """The bias reshaped to broadcast against the output: kernel sizes where the kernel has the
+    output's dim, 1 elsewhere.
+
+    Dims matched by ``...`` broadcast right-aligned, so the kernel's ``...`` dims are the last
+    ones of the output's ``...`` dims.
+    """
+    k_pre, k_ell, k_post = _split_ellipsis(kernel_labels, len(kernel_shape))
+    sizes = dict(zip(k_pre, kernel_shape))
+    sizes.update(zip(k_post, kernel_shape[len(kernel_shape) - len(k_post) :]))
+    ellipsis_sizes = kernel_shape[len(k_pre) : len(k_pre) + k_ell]
+    o_pre, o_ell, o_post = _split_ellipsis(out_labels, ndim)
+    middle = (1,) * (o_ell - k_ell) + tuple(ellipsis_sizes) if o_ell else ()
+    return tuple(sizes.get(c, 1) for c in o_pre) + middle + tuple(sizes.get(c, 1) for c in o_post)
 
 
 class Embed(Module):

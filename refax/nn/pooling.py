@@ -30,7 +30,8 @@ import numpy as np
 from jax import lax
 
 from refax.nn import _checks
-from refax.nn.conv import LaxPadding, canonicalize_padding
+from refax.nn.conv import canonicalize_padding
+from refax.typing import LaxPadding
 
 __all__ = ["pool", "avg_pool", "max_pool", "min_pool"]
 

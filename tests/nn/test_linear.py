@@ -165,6 +165,9 @@ EINSUM_CASES = [
     ("btd,bd->bt", (4, 6), (4,)),
     ("btd,dh->bth", (6, 3), None),
     ("...d,dh->...h", (6, 3), (3,)),
+    ("btd,dh->bth", (6, 3), 3),  # an int bias_shape is a 1-D bias
+    ("b...d,dh...->bh...", (6, 5, 3), (5, 3)),  # kernel dims matched by '...' get a bias
+    ("...d,dh...->...h", (6, 5, 3), (3, 5)),  # '...' dims broadcast right-aligned
 ]
 
 
@@ -190,6 +193,14 @@ def test_einsum_reference_math_call_override_and_grads():
     g_state, _ = grads(m, lambda m, x: jnp.sum(m(x) ** 2), X)
     ref_k = jax.grad(lambda k: jnp.sum((jnp.einsum("btd,dnh->btnh", X, k) + b) ** 2))(k)
     np.testing.assert_allclose(g_state["kernel"][...], ref_k, rtol=1e-4, atol=1e-4)
+
+
+def test_einsum_int_bias_shape_is_one_dim():
+    m = Einsum("ik,kj->ij", (5, 4), 4, rngs=Rngs(0))
+    assert m.bias_shape == (4,) and m.bias.shape == (4,)
+    assert nnx.graphdef(m) == nnx.graphdef(Einsum("ik,kj->ij", (5, 4), 4, rngs=Rngs(1)))
+    with pytest.raises(ValueError, match=r"Einsum: bias_shape .* got 0\."):
+        Einsum("ik,kj->ij", (5, 4), 0, rngs=Rngs(0))
 
 
 def test_einsum_errors():
