@@ -53,6 +53,7 @@ from refax._graph import update as update
 from refax._graph import update_context as update_context
 from refax._graph import variables as variables
 from refax._object import Data as Data
+from refax._object import M as M
 from refax._object import Module as Module
 from refax._object import Object as Object
 from refax._object import Pytree as Pytree
@@ -94,6 +95,7 @@ from refax._transforms._extract import from_tree as from_tree
 from refax._transforms._extract import prefix as prefix
 from refax._transforms._extract import to_tree as to_tree
 from refax._transforms._jit import jit as jit
+from refax._transforms._metadata import transform_metadata as transform_metadata
 from refax._transforms._misc import cached_partial as cached_partial
 from refax._transforms._misc import checkify as checkify
 from refax._transforms._misc import checkpoint as checkpoint
@@ -116,6 +118,7 @@ from refax._transforms._vjp import custom_vjp as custom_vjp
 from refax._transforms._vjp import jvp as jvp
 from refax._transforms._vjp import vjp as vjp
 from refax._transforms._vmap import vmap as vmap
+from refax._variables import A as A
 from refax._variables import BatchStat as BatchStat
 from refax._variables import Cache as Cache
 from refax._variables import Intermediate as Intermediate

@@ -419,7 +419,7 @@ def filters_to_predicates(filters: Iterable[Filter]) -> tuple[FilterPredicate, .
     for i, everything in enumerate(is_all):
         if everything and not all(is_all[i:]):
             raise ValueError(
-                f"`...` or True selects everything, so it can only be used as the last filter; "
-                f"got it at index {i} of {filters!r}. Move it to the end."
+                f"`...` or `True` can only be used as the last filters (they select "
+                f"everything); got one at index {i} of {filters!r}. Move it to the end."
             )
     return tuple(map(to_predicate, filters))

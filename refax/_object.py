@@ -884,18 +884,24 @@ class Module(Pytree):
         return iter_children(self)
 
     def set_attributes(
-        self, *filters: Any, raise_if_not_found: bool = True, **attributes: Any
+        self,
+        *filters: Any,
+        raise_if_not_found: bool = True,
+        graph: bool | None = None,
+        **attributes: Any,
     ) -> None:
         """Sets attributes on every sub-Module (matching ``filters``, default all) that has them.
 
         Raises ValueError naming the attributes no Module had, unless ``raise_if_not_found``
-        is False.
+        is False. ``graph`` selects the traversal mode (None reads the default).
         """
         from refax._filters import to_predicate
+        from refax._graph import iter_modules
 
         preds = [to_predicate(f) for f in filters]
         remaining = set(attributes)
-        for path, module in self.iter_modules():
+        modules = self.iter_modules() if graph is None else iter_modules(self, graph=graph)
+        for path, module in modules:
             if preds and not any(p(path, module) for p in preds):
                 continue
             for name, value in attributes.items():

@@ -726,9 +726,8 @@ class Variable(Generic[A]):
         if name in _INTERNAL or (name.startswith("__") and name.endswith("__")):
             raise AttributeError(name)
         meta = self._var_metadata
-        key = _METADATA_ALIASES.get(name, name)
-        if key in meta:
-            return meta[key]
+        if name in meta:  # ``v.sharding`` is the value's sharding, never the metadata alias
+            return meta[name]
         try:
             return getattr(self._raw_value if self._special is None else self.get_value(), name)
         except AttributeError:

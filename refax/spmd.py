@@ -20,8 +20,12 @@ are accepted as older spellings of the same key. The helpers here read that meta
 a concrete value is ``jax.device_put`` with ``NamedSharding(mesh, spec)``; a traced value
 (inside ``jit``/``eval_shape``/``vmap``) is constrained with ``jax.sharding.reshard`` when all
 mesh axes are ``Explicit`` and ``jax.lax.with_sharding_constraint`` when all are ``Auto``.
-With no mesh the value is left as is. Switch it off per Variable with ``eager_sharding=False``
-metadata, or for every new Variable with :func:`use_eager_sharding`.
+A mesh that mixes Explicit and Auto axes is a ``ValueError``. ``out_sharding`` may also be a
+``PartitionSpec``, a ``NamedSharding`` (its own mesh is used) or a
+``jax.experimental.layout.Format``. With no mesh the value is left as is. Switch it off per
+Variable with ``eager_sharding=False`` metadata, or for every new Variable with
+:func:`use_eager_sharding`. ``variable.sharding`` is the value's own sharding (e.g. a
+``NamedSharding``), not the metadata: read the annotation as ``variable.out_sharding``.
 
 The current mesh is read with ``jax.sharding.get_abstract_mesh()`` (set by ``jax.set_mesh``
 and ``jax.sharding.use_abstract_mesh``; empty means no mesh) and, for ``device_put`` outside
@@ -56,6 +60,7 @@ from typing import Any, TypeVar
 
 import jax
 import numpy as np
+from jax.experimental.layout import Format
 from jax.sharding import NamedSharding, PartitionSpec
 
 from refax._transforms._prefix import PARTITION_NAME
@@ -143,16 +148,38 @@ def _composite_rules(first: Any, second: Any) -> tuple[tuple[str, Any], ...]:
     return tuple(merged.items())
 
 
-def _to_spec(sharding: Any, local_rules: Any = None) -> PartitionSpec:
-    """``out_sharding`` metadata (tuple, PartitionSpec or NamedSharding) -> PartitionSpec,
-    with the context rules and the Variable's own ``sharding_rules`` applied."""
+def _rename(sharding: Any, table: Mapping[Any, Any]) -> Any:
+    """``sharding`` with its axis names mapped through ``table``, as a PartitionSpec (from a
+    tuple or spec), NamedSharding or ``Format`` (kind kept)."""
     if isinstance(sharding, NamedSharding):
-        sharding = sharding.spec
+        return NamedSharding(sharding.mesh, _rename(sharding.spec, table))
+    if isinstance(sharding, Format):
+        return Format(sharding.layout, _rename(sharding.sharding, table))
+    return PartitionSpec(*(table.get(s, s) if isinstance(s, str) else s for s in sharding))
+
+
+def _apply_rules(sharding: Any, local_rules: Any = None) -> Any:
+    """``out_sharding`` metadata with the context rules and the Variable's own
+    ``sharding_rules`` applied (tuples become PartitionSpecs)."""
     rules = _composite_rules(_RULES.rules, local_rules)
-    if not rules:
-        return sharding if isinstance(sharding, PartitionSpec) else PartitionSpec(*sharding)
-    table = dict(rules)
-    return PartitionSpec(*(table[s] if isinstance(s, str) and s in table else s for s in sharding))
+    return _rename(sharding, dict(rules))
+
+
+def _to_spec(sharding: Any, local_rules: Any = None) -> PartitionSpec:
+    """``out_sharding`` metadata (tuple, PartitionSpec, NamedSharding or ``Format``) ->
+    PartitionSpec, with the context rules and the Variable's own ``sharding_rules`` applied."""
+    renamed = _apply_rules(sharding, local_rules)
+    if isinstance(renamed, Format):
+        renamed = renamed.sharding
+    if isinstance(renamed, NamedSharding):
+        renamed = renamed.spec
+    return renamed
+
+
+def _mesh_of(sharding: Any) -> Any:
+    if isinstance(sharding, Format):
+        sharding = sharding.sharding
+    return sharding.mesh if isinstance(sharding, NamedSharding) else None
 
 
 # -- annotations -----------------------------------------------------------------------------
@@ -418,15 +445,28 @@ def _is_shardable(leaf: Any) -> bool:
 def shard_value(value: Any, out_sharding: Any, sharding_rules: Any = None, mesh: Any = None) -> Any:
     """Shards ``value`` as ``out_sharding`` says, on ``mesh`` or the current mesh.
 
-    Concrete values are ``jax.device_put``; traced ones go through ``jax.sharding.reshard``
-    (all mesh axes Explicit) or ``jax.lax.with_sharding_constraint`` (all Auto). Returns
+    ``out_sharding`` is a tuple of axis names, a ``PartitionSpec``, a ``NamedSharding`` (its
+    own mesh wins) or a ``jax.experimental.layout.Format``; logical names are mapped through
+    the rules in effect. Concrete values are ``jax.device_put``; traced ones go through
+    ``jax.sharding.reshard`` (all mesh axes Explicit) or ``jax.lax.with_sharding_constraint``
+    (all Auto). A mesh that mixes Explicit and Auto axes is a ``ValueError``. Returns
     ``value`` unchanged when ``out_sharding`` is empty, no mesh is known, or a leaf is not an
     array.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from refax import spmd
+      >>> mesh = jax.make_mesh((1,), ("a",), axis_types=(jax.sharding.AxisType.Explicit,))
+      >>> x = spmd.shard_value(jnp.ones((2, 2)), ("a", None), mesh=mesh)
+      >>> x.sharding.spec
+      P('a', None)
     """
     if not out_sharding:
         return value
-    if isinstance(out_sharding, NamedSharding):
-        mesh = out_sharding.mesh
+    target = _apply_rules(out_sharding, sharding_rules)
+    own_mesh = _mesh_of(target)
+    if own_mesh is not None:
+        mesh = own_mesh
     elif mesh is None:
         mesh = _current_mesh()
     if mesh is None:
@@ -434,23 +474,27 @@ def shard_value(value: Any, out_sharding: Any, sharding_rules: Any = None, mesh:
     leaves = jax.tree.leaves(value)
     if not leaves or not all(_is_shardable(x) for x in leaves):
         return value
-    spec = _to_spec(out_sharding, sharding_rules)
+    explicit, auto = mesh.are_all_axes_explicit, mesh.are_all_axes_auto
+    if not (explicit or auto):
+        raise ValueError(
+            "Sharding a Variable needs a mesh whose axes are all Explicit or all Auto; got axis "
+            f"types {mesh.axis_types}. Pass eager_sharding=False to the Variable or use "
+            "spmd.use_eager_sharding(False)."
+        )
     traced = any(isinstance(x, jax.core.Tracer) for x in leaves)
+    if isinstance(target, Format):
+        if traced:
+            return jax.lax.with_sharding_constraint(value, target)
+        return jax.device_put(value, target)
+    if isinstance(target, PartitionSpec) and explicit and len(leaves) == 1:
+        # spell the spec at full rank, as ``reshard`` and explicit-mode ops do
+        target = PartitionSpec(*target, *(None,) * (np.ndim(leaves[0]) - len(target)))
+    sharding = target if isinstance(target, NamedSharding) else NamedSharding(mesh, target)
     if not traced and isinstance(mesh, jax.sharding.Mesh):
-        if len(leaves) == 1 and mesh.are_all_axes_explicit:
-            # spell the spec at full rank, as ``reshard`` and explicit-mode ops do
-            spec = PartitionSpec(*spec, *(None,) * (np.ndim(leaves[0]) - len(spec)))
-        return jax.device_put(value, NamedSharding(mesh, spec))
-    sharding = NamedSharding(mesh, spec)
-    if mesh.are_all_axes_explicit:
+        return jax.device_put(value, sharding)
+    if explicit:
         return jax.sharding.reshard(value, sharding)
-    if mesh.are_all_axes_auto:
-        return jax.lax.with_sharding_constraint(value, sharding)
-    raise ValueError(
-        "Eager sharding needs a mesh whose axes are all Explicit or all Auto; got axis types "
-        f"{mesh.axis_types}. Pass eager_sharding=False to the Variable or use "
-        "spmd.use_eager_sharding(False)."
-    )
+    return jax.lax.with_sharding_constraint(value, sharding)
 
 
 def _shard_new_variable(variable: Variable, kwargs: Mapping[str, Any]) -> None:

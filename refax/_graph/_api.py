@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from refax._config import graph_mode_default
-from refax._filters import to_predicate
+from refax._filters import filters_to_predicates, to_predicate
 from refax._graph import _cache
 from refax._graph._flatten import (
     FlattenResult,
@@ -121,7 +121,7 @@ def _walk_owned(node: Any, filters: tuple) -> tuple[FlattenResult, bool]:
             if entry is not None:
                 return entry.result, False
     epoch = EPOCH.value
-    preds = [to_predicate(f) for f in filters] if filters else None
+    preds = list(filters_to_predicates(filters)) if filters else None
     result = flatten(node, preds, filters_repr=filters)
     if key is not None and _cache.seen_before((node,), key):
         kept = FlattenResult(
@@ -423,6 +423,10 @@ def _update(node: Any, d: dict, trace: Any) -> None:
 
 
 def _write_variable(current: Variable, sub: Any, trace: Any) -> None:
+    sp = current._special
+    if sp is not None and sp.refs and not isinstance(sub, Variable):
+        current.set_raw_value(sub)  # into its JAX references, if it has some (JAX checks those)
+        return
     ts = current._trace_state
     if ts is not trace and ts != trace:
         current._check_trace()  # raises TraceContextError

@@ -6,6 +6,12 @@ filter)``) and returned as a ``State`` shaped like ``nnx.state(obj, filter)``. E
 Variable (BatchStat, RngState, counters) is passed as a non-differentiated input, never
 copied, and its updates still propagate out.
 
+Without graph updates (``graph_updates=False``, or tree mode ``graph=False``) the transform
+behaves like ``jax.grad`` on the argument's pytree: every floating-point Variable of a
+differentiated argument is differentiated (``DiffState`` is refused) and the gradients come
+back shaped like the argument (a copy of the object whose Variables hold the gradients;
+integer Variables hold ``float0`` zeros).
+
 Example:
   >>> import jax.numpy as jnp
   >>> from refax import nnx
@@ -29,7 +35,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 
+from refax._graph._api import map as graph_map
 from refax._graph._unflatten import nest_leaves
 from refax._object import Pytree
 from refax._statelib import State
@@ -43,7 +51,7 @@ from refax._transforms._lift import (
     split_inputs,
     static_of,
 )
-from refax._transforms._prefix import DiffState, arg_owners
+from refax._transforms._prefix import DiffState, arg_owners, check_prefix
 from refax._variables import Param, Variable
 
 __all__ = ["grad", "value_and_grad"]
@@ -79,6 +87,7 @@ def _differentiate(
     graph_updates: bool | None = None,
 ) -> Callable[..., Any]:
     check_not_bound_method(fun, "grad")
+    check_prefix(argnums, "argnums", "grad", graph, graph_updates)
     specs, single = _specs(argnums)
 
     @functools.wraps(fun)
@@ -93,6 +102,14 @@ def _differentiate(
                     f"argnums refers to argument {a} but the function got {n} arguments."
                 )
         graph_mode, updates = resolve_modes(graph, graph_updates)
+        if not updates and any(isinstance(a, DiffState) for a in _items(argnums)):
+            raise ValueError(
+                "argnums cannot contain DiffState objects with graph=False or "
+                "graph_updates=False: without graph updates every Variable of a "
+                "differentiated argument is differentiated and the gradients come back shaped "
+                "like the argument. Remove the DiffState, or pass graph=True and "
+                "graph_updates=True (or use nnx.compat.grad)."
+            )
         inputs = split_inputs(args, kwargs, graph=graph_mode)
         owners = arg_owners(inputs, args, kwargs)
         walk = inputs.walk
@@ -108,7 +125,10 @@ def _differentiate(
             owner = owners[inputs.node_pos[path[0]]]
             pred = preds.get(owner)
             if pred is _DEFAULT:
-                pred = params if isinstance(inputs.nodes[path[0]], Pytree) else _everything
+                if not updates:  # like jax.grad on the argument's pytree: every float leaf
+                    pred = _inexact
+                else:
+                    pred = params if isinstance(inputs.nodes[path[0]], Pytree) else _everything
             leaf_arg.append(owner if pred is not None and pred(path[1:], leaf) else None)
         other_arg = [
             owners[i] if owners[i] in preds and x is not None else None
@@ -153,15 +173,26 @@ def _differentiate(
             pure, holomorphic, allow_int
         )(dv, do, nv, no)
         aux = apply_outputs(inputs, info.value, new_values, aux_other)
-        grads = _assemble(
-            args, inputs, owners, specs_n, leaf_arg, value_mask, g_dv, other_arg, g_do
-        )
+        assemble = _assemble if updates else _assemble_like_args
+        grads = assemble(args, inputs, owners, specs_n, leaf_arg, value_mask, g_dv, other_arg, g_do)
         grads = grads[0] if single else tuple(grads)
         if return_value:
             return ((value, aux), grads) if has_aux else (value, grads)
         return (grads, aux) if has_aux else grads
 
     return wrapper
+
+
+def _items(argnums: Any) -> tuple:
+    return (argnums,) if isinstance(argnums, (int, DiffState)) else tuple(argnums)
+
+
+def _inexact(path: tuple, leaf: Any) -> bool:
+    value = leaf._raw_value if isinstance(leaf, Variable) else leaf
+    dtype = getattr(value, "dtype", None)
+    if dtype is None:
+        return isinstance(value, (float, complex))
+    return bool(jax.numpy.issubdtype(dtype, jax.numpy.inexact))
 
 
 def _everything(path: tuple, leaf: Any) -> bool:
@@ -228,6 +259,43 @@ def _assemble(
     return results
 
 
+def _assemble_like_args(
+    args: tuple,
+    inputs: Any,
+    owners: list,
+    specs: tuple,
+    leaf_arg: list,
+    value_mask: tuple,
+    g_dv: list,
+    other_arg: list,
+    g_do: list,
+) -> list[Any]:
+    """Per argnum: a copy of the argument whose Variables hold their gradients (the shape of
+    ``jax.grad`` on the argument's pytree; used without graph updates)."""
+    walk = inputs.walk
+    g_iter = iter(g_dv)
+    by_id = {id(leaf): next(g_iter) for leaf, m in zip(walk.leaves, value_mask) if m}
+
+    def swap(path: tuple, x: Any) -> Any:
+        g = by_id.get(id(x), _NO_GRAD)
+        if g is _NO_GRAD:  # not differentiated (integer state): float0 zeros, as jax.grad
+            value = x._raw_value if isinstance(x, Variable) else x
+            g = np.zeros(np.shape(value), dtype=jax.dtypes.float0)
+        return x.replace(g) if isinstance(x, Variable) else g
+
+    plain = dict(zip([i for i, a in enumerate(other_arg) if a is not None], g_do))
+    results = []
+    for argnum, _ in specs:
+        leaves, treedef = jax.tree_util.tree_flatten(args[argnum], is_leaf=_is_node)
+        start = owners.index(argnum) if argnum in owners else 0
+        out = [
+            graph_map(swap, x) if _is_node(x) else plain.get(start + j)
+            for j, x in enumerate(leaves)
+        ]
+        results.append(jax.tree_util.tree_unflatten(treedef, out))
+    return results
+
+
 def _is_node(x: Any) -> bool:
     from refax._transforms._lift import is_node
 
@@ -247,7 +315,13 @@ def value_and_grad(
     """Lifted ``jax.value_and_grad``: ``(value, grads)`` (``((value, aux), grads)``)."""
     if f is None:
         return lambda fn: value_and_grad(
-            fn, argnums, has_aux, holomorphic=holomorphic, allow_int=allow_int
+            fn,
+            argnums,
+            has_aux,
+            holomorphic=holomorphic,
+            allow_int=allow_int,
+            graph=graph,
+            graph_updates=graph_updates,
         )
     return _differentiate(
         f,

@@ -13,6 +13,7 @@ through several arguments (or as input and output) must get the same axis everyw
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -98,6 +99,28 @@ def broadcast_prefix(
     raise ValueError(
         f"{what}: cannot use a {type(prefix).__name__} as a prefix of a {type(tree).__name__}."
     )
+
+
+def bind_keywords(fun: Callable[..., Any], args: tuple, kwargs: dict, prefix: Any) -> tuple:
+    """Moves keyword arguments into position when a tuple ``prefix`` has entries for them.
+
+    ``nnx.vmap(in_axes=(0, None))`` on ``def f(x, y)`` called as ``f(x, y=y)`` maps ``y`` by
+    the second entry, as if it were passed positionally (JAX itself would raise). Returns
+    ``(args, kwargs)``, unchanged when nothing needs moving.
+    """
+    if not kwargs or not isinstance(prefix, (tuple, list)) or len(prefix) <= len(args):
+        return args, kwargs
+    try:
+        params = list(inspect.signature(fun).parameters.values())
+    except (TypeError, ValueError):
+        return args, kwargs
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    moved, rest = list(args), dict(kwargs)
+    for param in params[len(args) : len(prefix)]:
+        if param.kind not in positional or param.name not in rest:
+            break
+        moved.append(rest.pop(param.name))
+    return tuple(moved), rest
 
 
 def args_prefixes(

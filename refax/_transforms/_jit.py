@@ -46,7 +46,7 @@ from refax._transforms._lift import (
     resolve_modes,
     split_inputs,
 )
-from refax._transforms._prefix import StateSharding, resolve_leaf_prefixes
+from refax._transforms._prefix import StateSharding, check_prefix, resolve_leaf_prefixes
 
 __all__ = ["jit", "JitWrapped", "StateSharding"]
 
@@ -96,7 +96,8 @@ def check_not_bound_method(fun: Callable[..., Any], transform: str) -> None:
     owner = getattr(fun, "__self__", None)
     if owner is not None and is_node(owner):
         raise ValueError(
-            f"nnx.{transform} got a method bound to a {type(owner).__name__} instance. The "
+            f"nnx.{transform} does not take bound methods: it got a method bound to a "
+            f"{type(owner).__name__} instance. The "
             "instance would be captured by closure and could not be updated. Decorate the "
             f"method in the class body (@nnx.{transform}) or pass the module as an argument: "
             f"nnx.{transform}(lambda m, *a: m.{getattr(fun, '__name__', 'method')}(*a))(module, "
@@ -125,6 +126,8 @@ class JitWrapped:
         graph_updates: bool | None = None,
     ):
         check_not_bound_method(fun, "jit")
+        check_prefix(in_shardings, "in_shardings", "jit", graph, graph_updates)
+        check_prefix(out_shardings, "out_shardings", "jit", graph, graph_updates)
         functools.update_wrapper(self, fun)
         self.fun = fun
         self.in_shardings = in_shardings

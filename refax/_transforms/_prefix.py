@@ -185,6 +185,59 @@ class DiffState:
 
 
 # -- resolution of prefixes to per-leaf values -------------------------------------------
+def check_prefix(
+    prefix: Any, argname: str, transform: str, graph: bool | None, graph_updates: bool | None
+) -> None:
+    """Checks a transform's prefix argument (``in_axes``, ``argnums``, ``in_shardings``...)
+    when the transform is made.
+
+    Raises:
+      ValueError: the prefix holds a Variable, or (in graph mode with graph updates) an
+        object: a prefix describes arguments, it is not one (without graph updates objects
+        are pytrees, and a prefix may have their shape); or it holds a ``StateAxes`` /
+        ``StateSharding`` / ``DiffState`` while graph updates are off (those select
+        Variables inside objects, which tree mode and ``graph_updates=False`` treat as
+        plain pytrees).
+    """
+    from refax._config import graph_mode_default, graph_updates_default
+    from refax._object import Pytree
+
+    graph = graph_mode_default() if graph is None else graph
+    graph_updates = graph_updates_default() if graph_updates is None else graph_updates
+    from refax._statelib import State
+
+    mappings = (_FilterMap, DiffState)
+    leaves = jax.tree_util.tree_leaves(
+        prefix, is_leaf=lambda x: isinstance(x, (Pytree, Variable, State, *mappings))
+    )
+    for leaf in leaves:
+        if isinstance(leaf, State):
+            continue  # a State of per-Variable values (e.g. nnx.get_named_sharding's)
+        if isinstance(leaf, Variable):
+            raise ValueError(
+                f"Variables prefixes are not supported: nnx.{transform} got a "
+                f"{type(leaf).__name__} in `{argname}`. Give the axis or sharding itself (an "
+                "int, None, a sharding), or a StateAxes/StateSharding for an object's "
+                "Variables."
+            )
+        if not (graph and graph_updates) and not isinstance(leaf, mappings):
+            continue  # objects are pytrees then, and may be prefixes shaped like them
+        if isinstance(leaf, Pytree):
+            raise ValueError(
+                f"Graph nodes are not allowed as prefixes: nnx.{transform} got a "
+                f"{type(leaf).__name__} in `{argname}`. A prefix gives one entry per argument "
+                "(an int, None, a sharding, StateAxes/StateSharding/DiffState), not an object."
+            )
+        if isinstance(leaf, mappings) and not (graph and graph_updates):
+            kind = type(leaf).__name__
+            raise ValueError(
+                f"`{argname}` cannot contain `{kind}` objects when `graph=False` or "
+                f"`graph_updates=False`: nnx.{transform} then treats objects as plain pytrees, "
+                f"so give a pytree prefix instead, or pass graph=True and graph_updates=True "
+                f"(or use nnx.compat.{transform})."
+            )
+
+
 def arg_owners(inputs: Any, args: tuple, kwargs: dict) -> list[Any]:
     """The top-level argument (position or keyword name) of every flat leaf of ``inputs``."""
     from refax._transforms._lift import is_node

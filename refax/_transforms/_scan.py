@@ -25,15 +25,19 @@ Example (scan over a stack of layers):
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from refax._graph._graphdef import skip
 from refax._transforms._axes import (
     AliasChecker,
     args_prefixes,
+    bind_keywords,
     broadcast_prefix,
     check_input_aliasing,
     leaf_axis,
@@ -45,9 +49,10 @@ from refax._transforms._lift import (
     collect_outputs,
     is_node,
     rebuild_inputs,
+    resolve_modes,
     split_inputs,
 )
-from refax._transforms._prefix import Carry, _CarryType
+from refax._transforms._prefix import Carry, StateAxes, _CarryType, check_prefix
 from refax._transforms._vmap import _insert_axis, _leaf_variables, _partition_name, _remove_axis
 from refax._variables import Variable
 
@@ -56,6 +61,61 @@ __all__ = ["scan"]
 
 def _is_carry(a: Any) -> bool:
     return isinstance(a, _CarryType)
+
+
+def _carries(axes: Any) -> int:
+    leaves = jax.tree_util.tree_leaves(axes, is_leaf=lambda x: x is None or _is_carry(x))
+    return sum(1 for a in leaves if _is_carry(a))
+
+
+def _check_scan_axes(in_axes: Any, out_axes: Any) -> None:
+    """The rules on ``in_axes`` / ``out_axes`` that hold whatever the arguments."""
+    n_in, n_out = _carries(in_axes), _carries(out_axes)
+    if n_in > 1 or n_out > 1:
+        raise ValueError(
+            "nnx.scan: Found multiple Carry definitions in "
+            f"{'in_axes' if n_in > 1 else 'out_axes'}: there is one carry, so nnx.Carry may "
+            "appear once (make the carry a tuple to carry several values)."
+        )
+    if (n_in == 0) != (n_out == 0):
+        raise ValueError(
+            "nnx.scan: If one of in_axes or out_axes has Carry, the other must also have "
+            f"Carry (in_axes={in_axes!r}, out_axes={out_axes!r}): the carry goes in and comes "
+            "out of every step."
+        )
+    for a in jax.tree_util.tree_leaves(
+        out_axes, is_leaf=lambda x: x is None or isinstance(x, StateAxes)
+    ):
+        if a is None:
+            raise ValueError(
+                "nnx.scan: Cannot broadcast output state: out_axes may not be None (a scan "
+                "output is either carried, nnx.Carry, or stacked, an int)."
+            )
+        if isinstance(a, StateAxes):
+            raise ValueError(
+                f"nnx.scan: Cannot broadcast output state. Got StateAxes in out_axes ({a!r}): "
+                "an output object's state is carried or stacked as its input's was; give "
+                "nnx.Carry or an int."
+            )
+
+
+def _is_array(x: Any) -> bool:
+    """Arrays go through the carry; Python scalars stay concrete (the body may branch on
+    them, as on any broadcast Python value)."""
+    return isinstance(x, (jax.Array, np.ndarray))
+
+
+_PLAIN = (str, bytes, int, float, complex, bool, type(None), np.generic)
+
+
+def _avals(xs: list) -> tuple:
+    """Shapes and dtypes of the array leaves (what a trace depends on besides structure)."""
+    return tuple(
+        (type(x), np.shape(x), getattr(x, "dtype", None), getattr(x, "weak_type", None))
+        if x is not None and not isinstance(x, str)
+        else x
+        for x in xs
+    )
 
 
 def _to_front(x: Any, axis: int) -> Any:
@@ -79,8 +139,15 @@ class ScanWrapped:
         in_axes: Any = (Carry, 0),
         out_axes: Any = (Carry, 0),
         transform_metadata: Mapping[str, Any] | None = None,
+        graph: bool | None = None,
+        graph_updates: bool | None = None,
     ):
         check_not_bound_method(fun, "scan")
+        check_prefix(in_axes, "in_axes", "scan", graph, graph_updates)
+        check_prefix(out_axes, "out_axes", "scan", graph, graph_updates)
+        _check_scan_axes(in_axes, out_axes)
+        self.graph, self.graph_updates = graph, graph_updates
+        self._bodies: dict[tuple, tuple[Callable, list]] = {}
         functools.update_wrapper(self, fun)
         self.fun = fun
         self.length = length
@@ -95,8 +162,21 @@ class ScanWrapped:
             return self
         return functools.partial(self, obj)
 
-    def __call__(self, *args: Any) -> Any:
-        inputs = split_inputs(args, {})
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if _is_carry(self.in_axes) and len(args) != 1:
+            raise ValueError(
+                "nnx.scan: When in_axes=Carry, the function must take exactly one argument "
+                f"(the carry), got {len(args)}. Use in_axes=(nnx.Carry, 0, ...) to scan over "
+                "the others."
+            )
+        args, kwargs = bind_keywords(self.fun, args, kwargs, self.in_axes)
+        if kwargs:
+            raise TypeError(
+                f"nnx.scan: keyword arguments {sorted(kwargs)} have no entry in in_axes; pass "
+                "them positionally (scan needs an axis or nnx.Carry for every argument)."
+            )
+        graph, _ = resolve_modes(self.graph, self.graph_updates)
+        inputs = split_inputs(args, {}, graph=graph)
         prefixes = args_prefixes(self.in_axes, args, {})
         node_prefixes = [prefixes[p] for p in inputs.node_pos]
         check_input_aliasing(inputs, node_prefixes)
@@ -116,11 +196,69 @@ class ScanWrapped:
         static = Static(
             (inputs.graphdef, inputs.treedef, inputs.node_pos, (value_axes, tuple(node_prefixes)))
         )
-        consts = [other[i] for i in o_const]
+        # Arrays among the broadcast arguments travel in the carry, so the body depends on
+        # hashable data only and is kept per structure: JAX then reuses its trace (one trace
+        # per argument structure and shapes, as for nnx.jit).
+        o_dyn = tuple(i for i in o_const if other[i] is None or _is_array(other[i]))
+        o_fixed = tuple((i, other[i]) for i in o_const if i not in set(o_dyn))
+        layout = (tuple(v_carry), tuple(v_scan), tuple(o_carry), tuple(o_scan), o_dyn, o_fixed)
+        body, out_layout = self._body(static, n_values, n_other, layout, values, other)
+
+        init = (
+            [values[i] for i in v_carry],
+            [other[i] for i in o_carry],
+            [other[i] for i in o_dyn],
+        )
+        xs = (
+            [_to_front(values[i], value_axes[i]) for i in v_scan],
+            [_to_front(other[i], other_axes[i]) for i in o_scan],
+        )
+        (c_values, c_other, _), (s_values, ys_out, new_leaves) = jax.lax.scan(
+            body, init, xs, length=self.length, reverse=self.reverse, unroll=self.unroll
+        )
+        info, out_axes = out_layout
+        got: dict[int, Any] = dict(zip(v_carry, c_values))
+        if info.value.unchanged:
+            changed = info.value.changed
+            changed_scan = [i for i in v_scan if i in set(changed)]
+            got.update((i, _from_front(x, value_axes[i])) for i, x in zip(changed_scan, s_values))
+            new_values = [got[i] for i in changed]
+        else:
+            got.update((i, _from_front(x, value_axes[i])) for i, x in zip(v_scan, s_values))
+            new_axes = info.value.annotation
+            new_values = [got[i] for i in range(n_values)] + [
+                _from_front(x, a) for x, a in zip(new_leaves, new_axes)
+            ]
+        ic, iy, ia = iter(c_other), iter(ys_out), iter(out_axes)
+        out_other = []
+        for i in range(info.value.out_treedef.num_leaves):
+            if i in info.value.out_pos:
+                out_other.append(None)
+                continue
+            a = next(ia)
+            out_other.append(next(ic) if _is_carry(a) else _from_front(next(iy), a))
+        return apply_outputs(inputs, info.value, new_values, out_other)
+
+    def _body(
+        self, static: Static, n_values: int, n_other: int, layout: tuple, values: list, other: list
+    ) -> tuple[Callable, list]:
+        """The scan body for this argument structure and these shapes (kept, so JAX reuses its
+        trace), and the list its trace fills with the output's structure."""
+        key = (static, layout, _avals(values), _avals(other))
+        if not all(isinstance(x, _PLAIN) for _, x in layout[5]):
+            key = None  # a kept body must not keep the user's other objects alive
+        try:
+            entry = None if key is None else self._bodies.get(key)
+        except TypeError:  # an unhashable prefix or static argument: no reuse
+            key, entry = None, None
+        if entry is not None:
+            return entry
+        v_carry, v_scan, o_carry, o_scan, o_dyn, o_fixed = layout
+        wrapper_ref = weakref.ref(self)  # the kept body must not keep the wrapper alive
         out_layout: list[Any] = []  # filled while tracing: the output's structure
 
         def body(carry: tuple, xs: tuple) -> tuple:
-            c_values, c_other = carry
+            c_values, c_other, c_consts = carry
             s_values, s_other = xs
             vals: list[Any] = [None] * n_values
             for i, x in zip(v_carry, c_values):
@@ -132,9 +270,13 @@ class ScanWrapped:
                 oth[i] = x
             for i, x in zip(o_scan, s_other):
                 oth[i] = x
-            for i, x in zip(o_const, consts):
+            for i, x in zip(o_dyn, c_consts):
                 oth[i] = x
-            info, new_values, out_other, out_axes = self._step(static, vals, oth)
+            for i, x in o_fixed:
+                oth[i] = x
+            wrapped = wrapper_ref()
+            assert wrapped is not None  # the wrapper calls the body, so it is alive
+            info, new_values, out_other, out_axes = wrapped._step(static, vals, oth)
             carry_out = [x for x, a in zip(out_other, out_axes) if _is_carry(a)]
             ys_out = [x for x, a in zip(out_other, out_axes) if not _is_carry(a)]
             if [jax.tree.structure(x) for x in carry_out] != [
@@ -146,36 +288,23 @@ class ScanWrapped:
                     "with nnx.Carry in both in_axes and out_axes."
                 )
             out_layout[:] = [info, out_axes]
-            # carried state always comes back (a scan carry has a fixed layout); scanned state
-            # only where it changed (unchanged layers are not restacked)
-            got = dict(zip(info.value.changed, new_values))
-            new_carry = ([got[i] for i in v_carry], carry_out)
-            ys = ([got[i] for i in v_scan if i in got], ys_out)
+            if info.value.unchanged:
+                # carried state always comes back (a scan carry has a fixed layout); scanned
+                # state only where it changed (unchanged layers are not restacked)
+                got = dict(zip(info.value.changed, new_values))
+                new_leaves: list[Any] = []
+            else:  # new objects returned: every input leaf, then the new ones (stacked)
+                got = dict(enumerate(new_values[:n_values]))
+                new_leaves = new_values[n_values:]
+            new_carry = ([got[i] for i in v_carry], carry_out, c_consts)
+            ys = ([got[i] for i in v_scan if i in got], ys_out, new_leaves)
             return new_carry, ys
 
-        init = ([values[i] for i in v_carry], [other[i] for i in o_carry])
-        xs = (
-            [_to_front(values[i], value_axes[i]) for i in v_scan],
-            [_to_front(other[i], other_axes[i]) for i in o_scan],
-        )
-        (c_values, c_other), (s_values, ys_out) = jax.lax.scan(
-            body, init, xs, length=self.length, reverse=self.reverse, unroll=self.unroll
-        )
-        info, out_axes = out_layout
-        changed = info.value.changed
-        got: dict[int, Any] = dict(zip(v_carry, c_values))
-        changed_scan = [i for i in v_scan if i in set(changed)]
-        got.update((i, _from_front(x, value_axes[i])) for i, x in zip(changed_scan, s_values))
-        new_values = [got[i] for i in changed]
-        ic, iy, ia = iter(c_other), iter(ys_out), iter(out_axes)
-        out_other = []
-        for i in range(info.value.out_treedef.num_leaves):
-            if i in info.value.out_pos:
-                out_other.append(None)
-                continue
-            a = next(ia)
-            out_other.append(next(ic) if _is_carry(a) else _from_front(next(iy), a))
-        return apply_outputs(inputs, info.value, new_values, out_other)
+        if key is not None:
+            if len(self._bodies) >= 32:
+                self._bodies.pop(next(iter(self._bodies)))
+            self._bodies[key] = (body, out_layout)
+        return body, out_layout
 
     def _step(self, static: Static, values: list, other: list):
         graphdef, _, _, extra = static.value
@@ -200,14 +329,10 @@ class ScanWrapped:
         info, new_values, out_other = collect_outputs(
             graphdef, values, nodes, built, out, every_input=carried, before_walk=before
         )
-        if not info.unchanged:
-            raise ValueError(
-                "nnx.scan: the function changed the structure of its objects (added, removed or "
-                "re-shared attributes, or returned new objects); scan needs the same structure "
-                "at every step. Make structural changes outside the scan."
-            )
         out_leaves = jax.tree_util.tree_leaves(out, is_leaf=is_node)
         prefixes = broadcast_prefix(self.out_axes, out, "out_axes")
+        if not info.unchanged:
+            info.annotation = self._new_object_axes(info, graphdef, built, out_leaves, prefixes)
         node_out = [(x, a) for x, a in zip(out_leaves, prefixes) if is_node(x)]
         if node_out:  # an input object returned must keep its axes
             checker = AliasChecker()
@@ -221,13 +346,57 @@ class ScanWrapped:
                 continue
             if a is None:
                 raise ValueError(
-                    "nnx.scan: out_axes may not be None; use nnx.Carry for a value carried "
-                    "across steps or an int for stacked outputs."
+                    "nnx.scan: Cannot broadcast output state: out_axes may not be None; use "
+                    "nnx.Carry for a value carried across steps or an int for stacked outputs."
                 )
             axes.append(a)
         node_slots = set(info.out_pos)
         leaves = [x for i, x in enumerate(out_other) if i not in node_slots]
         return Static(info), new_values, leaves, axes
+
+    @staticmethod
+    def _new_object_axes(
+        info: Any, graphdef: Any, built: list, out_leaves: list, prefixes: list
+    ) -> tuple:
+        """The stacking axis of each leaf of the objects created inside the scan (the input
+        objects must keep their structure: a scan body runs once for every step)."""
+        joint = info.graphdef
+        n_in = graphdef.num_leaves
+        same_inputs = (
+            joint.ops[1 : skip(joint.ops, 1)] == graphdef.ops
+            and len(info.map) >= graphdef.num_nodes
+            and all(j == i for j, i in info.map[: graphdef.num_nodes])
+        )
+        if not same_inputs:
+            raise ValueError(
+                "nnx.scan: the function changed the structure of its input objects (added, "
+                "removed or re-shared attributes); scan needs the same structure at every "
+                "step. Make structural changes outside the scan."
+            )
+        node_prefixes = [p for x, p in zip(out_leaves, prefixes) if is_node(x)]
+        axes = []
+        for path in info.paths[n_in:]:
+            if path[0] != 1:
+                raise ValueError(
+                    "nnx.scan: the function changed the structure of its input objects; "
+                    "scan needs the same structure at every step."
+                )
+            axis = leaf_axis(node_prefixes[path[1]], path[2:], None)
+            if _is_carry(axis):
+                raise ValueError(
+                    "nnx.scan: Carry references must be the same between iterations, and scan "
+                    "Variable identity must be preserved across iterations: the function "
+                    "returned a new object or Variable as (part of) the carry, at "
+                    f"'{'/'.join(map(str, path[2:]))}'. Update the carried object in place "
+                    "and return it."
+                )
+            if not isinstance(axis, int):
+                raise ValueError(
+                    "nnx.scan: an object created inside the scan must be stacked (an int in "
+                    f"out_axes), got {axis!r} for the leaf at {'/'.join(map(str, path[2:]))}."
+                )
+            axes.append(axis)
+        return tuple(axes)
 
 
 def scan(
@@ -250,6 +419,8 @@ def scan(
         in_axes=in_axes,
         out_axes=out_axes,
         transform_metadata=transform_metadata,
+        graph=graph,
+        graph_updates=graph_updates,
     )
     if f is None:
         return lambda fn: ScanWrapped(fn, **kwargs)

@@ -36,6 +36,7 @@ import jax
 from refax._transforms._axes import (
     AliasChecker,
     args_prefixes,
+    bind_keywords,
     broadcast_prefix,
     check_input_aliasing,
     is_axis_leaf,
@@ -54,6 +55,7 @@ from refax._transforms._lift import (
     resolve_modes,
     split_inputs,
 )
+from refax._transforms._prefix import check_prefix
 from refax._variables import Variable
 
 __all__ = ["vmap", "VmapWrapped", "MappedWrapped"]
@@ -67,8 +69,9 @@ def _partition_name(transform_metadata: Mapping[str, Any]) -> Any:
     return transform_metadata.get(PARTITION_NAME) if transform_metadata else None
 
 
-def _remove_axis(var: Variable, axis: int, name: Any = None) -> None:
+def _remove_axis(var: Variable, axis: int, name: Any = None, extra: Mapping = {}) -> None:  # noqa: B006
     var.remove_axis(axis, name)  # the Variable type's own callback (hooks, overrides)
+    _axis_fields(var, axis, extra, insert=False)
     names = var._var_metadata.get(_SHARDING_KEY)
     if isinstance(names, tuple) and -len(names) <= axis < len(names):
         axis %= len(names)
@@ -77,7 +80,25 @@ def _remove_axis(var: Variable, axis: int, name: Any = None) -> None:
         var._frozen = None
 
 
-def _insert_axis(var: Variable, axis: int, name: Any) -> None:
+def _axis_fields(var: Variable, axis: int, extra: Mapping, *, insert: bool) -> None:
+    """Inserts (removes) ``extra[key]`` at ``axis`` of each tuple metadata ``key`` of ``var``
+    (the ``transform_metadata`` entries besides ``PARTITION_NAME``)."""
+    for key, field in extra.items():
+        t = var._var_metadata.get(key)
+        if isinstance(t, tuple) and t:
+            if insert:
+                i = axis if axis >= 0 else len(t) + 1 + axis
+                t = (*t[:i], *(None,) * (i - len(t)), field, *t[i:])
+            elif not -len(t) <= axis < len(t) or t[axis] != field:
+                raise ValueError(f"Expected {field!r} at index {axis} of {key}={t!r}.")
+            else:
+                i = axis % len(t)
+                t = t[:i] + t[i + 1 :]
+            var.set_metadata(key, t)
+
+
+def _insert_axis(var: Variable, axis: int, name: Any, extra: Mapping = {}) -> None:  # noqa: B006
+    _axis_fields(var, axis, extra, insert=True)
     names = var._var_metadata.get(_SHARDING_KEY)
     if isinstance(names, tuple):
         axis = axis if axis >= 0 else len(names) + 1 + axis
@@ -105,6 +126,7 @@ class MappedWrapped:
     in_prefix: Any
     out_prefix: Any
     partition_name: Any = None
+    axis_metadata: Mapping[str, Any] = {}  # transform_metadata entries besides PARTITION_NAME
     graph: bool | None = None  # None: the set_graph_mode / set_graph_updates defaults
     graph_updates: bool | None = None
 
@@ -119,6 +141,7 @@ class MappedWrapped:
     ) -> tuple[Inputs, tuple, list, Static]:
         """Splits the arguments; returns (inputs, value_axes, other_axes, static)."""
         graph, updates = resolve_modes(self.graph, self.graph_updates)
+        args, kwargs = bind_keywords(self.fun, args, kwargs, in_prefix)
         inputs = split_inputs(args, kwargs, graph=graph)
         prefixes = args_prefixes(in_prefix, args, kwargs, is_leaf=self._is_leaf, what=self._in_what)
         node_prefixes = [prefixes[p] for p in inputs.node_pos]
@@ -158,7 +181,7 @@ class MappedWrapped:
         if name is not None:
             for leaf_var, axis in zip(_leaf_variables(nodes), value_axes):
                 if isinstance(leaf_var, Variable) and isinstance(axis, int):
-                    _remove_axis(leaf_var, axis, name)
+                    _remove_axis(leaf_var, axis, name, self.axis_metadata)
         input_leaves = None if updates else _leaf_variables(nodes)
         out = self._call_fun(args, kwargs, call_extra)
         check_output_types(self.fun, out, type(self).__name__.removesuffix("Wrapped").lower())
@@ -188,7 +211,7 @@ class MappedWrapped:
         def before(joint: Any) -> None:
             for leaf, axis in zip(joint.leaves, leaf_axes(joint)):
                 if isinstance(leaf, Variable) and isinstance(axis, int):
-                    _insert_axis(leaf, axis, name)
+                    _insert_axis(leaf, axis, name, self.axis_metadata)
 
         info, new_values, out_other = collect_outputs(
             graphdef,
@@ -228,6 +251,8 @@ class VmapWrapped(MappedWrapped):
         graph_updates: bool | None = None,
     ):
         check_not_bound_method(fun, "vmap")
+        check_prefix(in_axes, "in_axes", "vmap", graph, graph_updates)
+        check_prefix(out_axes, "out_axes", "vmap", graph, graph_updates)
         self.graph, self.graph_updates = graph, graph_updates
         functools.update_wrapper(self, fun)
         self.fun = fun
@@ -237,6 +262,9 @@ class VmapWrapped(MappedWrapped):
         self.axis_size = axis_size
         self.spmd_axis_name = spmd_axis_name
         self.partition_name = _partition_name(dict(transform_metadata or {}))
+        self.axis_metadata = {
+            k: v for k, v in (transform_metadata or {}).items() if k != "partition_name"
+        }
 
     def _pure(self, cells: tuple[list, list], static: Static, values: list, other: list):
         info, new_values, out_other, value_out, other_out = self._trace(static, values, other)

@@ -352,8 +352,11 @@ class BatchNorm(Module):
                 mask=mask,
             )
             m = self.momentum
-            self.mean[...] = m * self.mean[...] + (1 - m) * mean
-            self.var[...] = m * self.var[...] + (1 - m) * var
+            # statistics kept in JAX references cannot take values that carry gradients
+            refs = self.mean.ref or self.mean.hijax or self.var.ref or self.var.hijax
+            sg = jax.lax.stop_gradient if refs else (lambda a: a)
+            self.mean[...] = sg(m * self.mean[...] + (1 - m) * mean)
+            self.var[...] = sg(m * self.var[...] + (1 - m) * var)
         return _normalize(
             x,
             mean,

@@ -140,7 +140,9 @@ class Dropout(Module):
         mask_shape = list(jnp.shape(inputs))
         for dim in self.broadcast_dims:
             mask_shape[dim] = 1
-        mask = jax.random.bernoulli(key, p=keep_prob, shape=mask_shape)
+        mask = jax.random.bernoulli(
+            key, p=keep_prob, shape=mask_shape, out_sharding=jax.typeof(inputs).sharding
+        )
         mask = jnp.broadcast_to(mask, jnp.shape(inputs))
         return lax.select(mask, inputs / keep_prob, jnp.zeros_like(inputs))
 

@@ -18,6 +18,7 @@ from refax.nnx import module as module
 from refax.nnx import pytreelib as pytreelib
 from refax.nnx import rnglib as rnglib
 from refax.nnx import statelib as statelib
+from refax.nnx import transforms as transforms
 from refax.nnx import traversals as traversals
 from refax.nnx import variablelib as variablelib
 

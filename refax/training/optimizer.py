@@ -31,6 +31,7 @@ from refax._graph import update as _update
 from refax._object import Pytree
 from refax._statelib import State
 from refax._variables import Param, Variable
+from refax.spmd import shard_value
 
 __all__ = ["Optimizer", "ModelAndOptimizer", "OptState", "OptArray", "OptVariable"]
 
@@ -64,6 +65,23 @@ def _pure(tree: Any) -> Any:
     )
 
 
+def _opt_variable(value: Any, metadata: dict[str, Any]) -> OptVariable:
+    """The OptVariable for the state of one parameter, carrying the parameter's metadata.
+
+    ``optimizer_sharding`` metadata (a sharding meant for the optimizer state only) becomes
+    the state's ``out_sharding``; with eager sharding on, the value is sharded as its
+    ``out_sharding`` says (on the Variable's ``mesh`` or the current one).
+    """
+    meta = dict(metadata)
+    if "optimizer_sharding" in meta:
+        meta["out_sharding"] = meta.pop("optimizer_sharding")
+    if meta.get("out_sharding") and meta.get("eager_sharding", True):
+        value = shard_value(
+            value, meta["out_sharding"], meta.get("sharding_rules"), meta.get("mesh")
+        )
+    return OptVariable.from_metadata(value, meta)  # type: ignore[return-value]
+
+
 def _wrap_opt_state(opt_state: Any, params: State) -> Any:
     """Wraps each optax state array in an OptState Variable.
 
@@ -80,9 +98,7 @@ def _wrap_opt_state(opt_state: Any, params: State) -> Any:
                 leaves, treedef = None, None
             if treedef == jax.tree.structure(_pure(params)) and len(leaves) == len(param_leaves):
                 new = [
-                    OptVariable.from_metadata(x, p.get_metadata())
-                    if _is_variable(p)
-                    else OptArray(x)
+                    _opt_variable(x, p.get_metadata()) if _is_variable(p) else OptArray(x)
                     for x, p in zip(leaves, param_leaves)
                 ]
                 return jax.tree.unflatten(treedef, new)
@@ -135,6 +151,10 @@ class Optimizer(Pytree):
       tx: an ``optax.GradientTransformation``.
       wrt: filter selecting the optimised Variables (required; usually ``nnx.Param``).
 
+    The state of each optimised Variable (e.g. Adam's ``mu``) is an ``OptVariable`` carrying
+    that Variable's metadata; a Variable's ``optimizer_sharding`` metadata becomes its state's
+    ``out_sharding``, so the optimizer state can be sharded differently from the parameters.
+
     Attributes:
       step: an ``OptState`` holding the number of updates applied (``uint32``).
       opt_state: the optax state, its arrays in ``OptState`` Variables.
@@ -158,12 +178,15 @@ class Optimizer(Pytree):
 
         Args:
           model: the model (the same structure the optimizer was built for).
-          grads: gradients shaped like ``nnx.state(model, wrt)`` (what ``nnx.grad`` returns).
+          grads: gradients shaped like ``nnx.state(model, wrt)`` (what ``nnx.grad`` returns),
+            or an object of gradients (what ``jax.grad`` returns for a Module argument).
           **kwargs: extra arguments for optax (e.g. ``value``, ``grad``, ``value_fn``).
         """
         params = _state(model, self.wrt)
         if isinstance(grads, GraphState):  # (what nnx.grad returns for unpack()ed inputs)
             grads = grads._state
+        elif isinstance(grads, Pytree):  # e.g. ``jax.grad`` of a Module: a Module of gradients
+            grads = _state(grads, self.wrt)
         if isinstance(grads, State):
             grads = _only_wrt(grads, self.wrt)
         raw_params = _pure(params)
