@@ -206,13 +206,18 @@ from refax.spmd import logical_axis_rules as logical_axis_rules
 from refax.spmd import use_eager_sharding as use_eager_sharding
 from refax.spmd import using_eager_sharding as using_eager_sharding
 from refax.spmd import with_partitioning as with_partitioning
+from refax.training import EMA as EMA
+from refax.training import Metric as Metric
 from refax.training import ModelAndOptimizer as ModelAndOptimizer
+from refax.training import MultiMetric as MultiMetric
 from refax.training import OptArray as OptArray
 from refax.training import Optimizer as Optimizer
 from refax.training import OptState as OptState
 from refax.training import OptVariable as OptVariable
+from refax.training import metrics as metrics
 from refax.training import optimizer as optimizer
 from refax.training._train_state import TrainState as TrainState
+from refax.training.summary import tabulate as tabulate
 from refax.typing import Initializer as Initializer
 
 PureState = tuple  # tuple[GraphDef, State]
@@ -225,3 +230,11 @@ from refax.nnx import rnglib as rnglib  # noqa: E402
 from refax.nnx import statelib as statelib  # noqa: E402
 from refax.nnx import traversals as traversals  # noqa: E402
 from refax.nnx import variablelib as variablelib  # noqa: E402
+
+
+def __getattr__(name: str):  # ``refax.bridge`` needs Flax's Linen: imported on first use only
+    if name == "bridge":
+        import importlib
+
+        return importlib.import_module("refax.nnx.bridge")
+    raise AttributeError(f"module 'refax' has no attribute {name!r}")

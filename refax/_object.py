@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import numbers
 import sys
+import threading
 import typing
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -73,6 +74,16 @@ _STATE_ATTR = "_pytree__state"
 _CAPTURES = "__captures__"  # set by refax.capture on every Module it runs (see _capture.py)
 
 
+class _InitFlag(threading.local):
+    """Per thread: whether a lazy initialisation (e.g. ``bridge.lazy_init``) is running."""
+
+    def __init__(self) -> None:
+        self.stack: list[bool] = [False]
+
+
+INIT_FLAG = _InitFlag()
+
+
 class ObjectState:
     """Per-object bookkeeping stored in ``obj._pytree__state`` (never part of the graph).
 
@@ -96,6 +107,12 @@ class ObjectState:
     static_names: frozenset = frozenset()
     data_names: frozenset = frozenset()
     walks: dict | None = None
+
+    @property
+    def initializing(self) -> bool:
+        """True while a lazy initialisation runs in this thread (``bridge.lazy_init``, a
+        bridge Module's ``init``): code may then create Variables it would otherwise find."""
+        return INIT_FLAG.stack[-1]
 
     def __init__(self) -> None:
         self.trace_state = current_trace()

@@ -18,8 +18,18 @@ from refax.nnx import module as module
 from refax.nnx import pytreelib as pytreelib
 from refax.nnx import rnglib as rnglib
 from refax.nnx import statelib as statelib
+from refax.nnx import summary as summary
+from refax.nnx import training as training
 from refax.nnx import transforms as transforms
 from refax.nnx import traversals as traversals
 from refax.nnx import variablelib as variablelib
 
 graph = graphlib  # the reference's older name of the same module
+
+
+def __getattr__(name: str):  # ``nnx.bridge`` needs Flax's Linen: imported on first use only
+    if name == "bridge":
+        import importlib
+
+        return importlib.import_module("refax.nnx.bridge")
+    raise AttributeError(f"module 'refax.nnx' has no attribute {name!r}")
