@@ -8,6 +8,7 @@ from refax import nn as nn
 from refax import spmd as spmd
 from refax import typing as typing
 from refax._capture import capture as capture
+from refax._config import config as config
 from refax._config import set_graph_mode as set_graph_mode
 from refax._config import set_graph_updates as set_graph_updates
 from refax._containers import Dict as Dict

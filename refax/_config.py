@@ -93,3 +93,41 @@ def graph_mode_default() -> bool:
 
 def graph_updates_default() -> bool:
     return _GRAPH_UPDATES.stack[-1]
+
+
+class Config:
+    """refax's process-wide options, as attributes (``refax.config``).
+
+    Attributes:
+      explain_retraces: log, at every retrace of an ``nnx.jit`` function, what changed since
+        its previous trace, by path (a static attribute's value, an added or removed
+        attribute, a shape or dtype, a change of sharing). Logged as a warning on the
+        ``refax`` logger. Initial value: the environment variable ``REFAX_EXPLAIN_RETRACES``
+        (``1`` to enable), else False.
+
+    Example:
+      >>> import refax
+      >>> refax.config.update("explain_retraces", True)
+      >>> refax.config.explain_retraces
+      True
+      >>> refax.config.explain_retraces = False
+    """
+
+    __slots__ = ("explain_retraces",)
+
+    def __init__(self) -> None:
+        self.explain_retraces = _env_flag("REFAX_EXPLAIN_RETRACES", False)
+
+    def update(self, name: str, value: Any) -> None:
+        """Sets option ``name`` (like ``jax.config.update``)."""
+        if name not in self.__slots__:
+            raise AttributeError(
+                f"refax.config has no option {name!r}; the options are {list(self.__slots__)}."
+            )
+        setattr(self, name, value)
+
+    def __repr__(self) -> str:
+        return "Config(" + ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__) + ")"
+
+
+config = Config()

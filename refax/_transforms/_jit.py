@@ -35,6 +35,7 @@ from typing import Any
 
 import jax
 
+from refax._config import config
 from refax._transforms._lift import (
     Inputs,
     Static,
@@ -47,6 +48,7 @@ from refax._transforms._lift import (
     split_inputs,
 )
 from refax._transforms._prefix import StateSharding, check_prefix, resolve_leaf_prefixes
+from refax._transforms._retrace import describe_arguments, log_retrace
 
 __all__ = ["jit", "JitWrapped", "StateSharding"]
 
@@ -144,6 +146,7 @@ class JitWrapped:
             self._signature = None
         self._out_sh = _HashableTree(out_shardings) if out_shardings is not None else None
         self._statics: dict[tuple, tuple] = {}  # per argument structure: masks and Static
+        self._last_trace: dict | None = None  # what the last trace saw (explain_retraces)
         jit_kwargs: dict[str, Any] = {"keep_unused": keep_unused, "inline": inline}
         if device is not None:
             jit_kwargs["device"] = device
@@ -174,6 +177,10 @@ class JitWrapped:
             values = [_constrain(x, s) for x, s in zip(values, in_sh)]
         args, kwargs, nodes, built = rebuild_inputs(static.value, values, other)
         args, kwargs = _insert_static(args, kwargs, static_args)
+        if config.explain_retraces:  # only while JAX traces: no cost on cached calls
+            current = describe_arguments(self.fun, args, kwargs)
+            log_retrace(self.fun, self._last_trace, current)
+            self._last_trace = current
         graph_updates = modes[1]  # per call (in the Static): the wrapper keeps no call state
         input_leaves = None if graph_updates else _input_leaves(nodes)
         out = self.fun(*args, **kwargs)
