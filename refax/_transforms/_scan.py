@@ -6,7 +6,9 @@ each output one in ``out_axes`` (``nnx.Carry`` for the carry, an int for stacked
 Objects may be scanned (a stack of layers created by ``nnx.vmap``), carried, or broadcast,
 also per Variable with :class:`StateAxes`. Variable updates propagate: scanned state comes back
 stacked, carried and broadcast state comes back as its final value. The structure of the
-objects must not change inside (JAX's scan needs a fixed carry).
+input objects must not change inside (JAX's scan needs a fixed carry); objects created inside
+and returned with an int out axis come back stacked (creating a stack of layers in a scan).
+The body is kept per argument structure and shapes, so JAX traces it once, as for ``nnx.jit``.
 
 Example (scan over a stack of layers):
   >>> import jax, jax.numpy as jnp
@@ -411,7 +413,52 @@ def scan(
     graph: bool | None = None,
     graph_updates: bool | None = None,
 ) -> Any:
-    """Lifted ``jax.lax.scan`` with per-argument axes and ``nnx.Carry`` (see module docs)."""
+    """Lifted ``jax.lax.scan``: per-argument axes, ``nnx.Carry``, objects in and out.
+
+    Usable as ``@nnx.scan``, ``@nnx.scan(...)`` or ``nnx.scan(f, ...)``, also on methods in a
+    class body.
+
+    Args:
+      f: the step function. It receives one slice of every scanned argument, the carry, and
+        the broadcast arguments, and returns outputs matching ``out_axes``.
+      length: the number of steps (needed when nothing is scanned).
+      reverse: scan from the last slice to the first.
+      unroll: as for ``jax.lax.scan``.
+      in_axes: a prefix of the positional arguments: an int (scanned over that axis),
+        ``None`` (broadcast), ``nnx.Carry`` (the carry, at most once) or, for an object, a
+        :class:`StateAxes` choosing per Variable. A bare ``nnx.Carry`` means the function
+        takes only the carry.
+      out_axes: a prefix of the output: ``nnx.Carry`` (exactly where ``in_axes`` has it) or an
+        int (stacked along that axis). ``None`` is refused: nothing can be broadcast out.
+      transform_metadata: ``{nnx.PARTITION_NAME: name}`` removes the scanned axis from the
+        Variables' sharding metadata inside and puts ``name`` back outside.
+      graph, graph_updates: graph mode (False: tree mode, shared references rejected) and
+        whether structural changes propagate; None reads ``set_graph_mode`` /
+        ``set_graph_updates``.
+
+    Returns:
+      The scanned function; it returns the final carry and the stacked outputs.
+
+    Raises:
+      ValueError: when made, for several ``nnx.Carry`` entries, a Carry on one side only, or
+        ``None`` / ``StateAxes`` in ``out_axes``; when called, for an object whose structure
+        changed inside, or a new object returned as the carry.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from refax import nnx
+      >>> class Counter(nnx.Module):
+      ...   def __init__(self):
+      ...     self.total = nnx.BatchStat(jnp.array(0.0))
+      >>> @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
+      ... def accumulate(counter, x):
+      ...   counter.total[...] += x
+      ...   return counter, counter.total[...]
+      >>> counter = Counter()
+      >>> _, running = accumulate(counter, jnp.arange(1.0, 5.0))
+      >>> running, counter.total[...]
+      (Array([ 1.,  3.,  6., 10.], dtype=float32), Array(10., dtype=float32))
+    """
     kwargs = dict(
         length=length,
         reverse=reverse,
