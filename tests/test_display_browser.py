@@ -56,7 +56,7 @@ PROBE = """
     const out = [];
     refaxCollect(document.body, out);
     const text = out.join("");
-    if (text.includes("(Loading...)") && ++refaxTries < 100) {
+    if (text.includes("(Loading...)") && ++refaxTries < 300) {
       setTimeout(refaxProbe, 100);
       return;
     }
@@ -76,7 +76,7 @@ def browser_dom(page: pathlib.Path) -> str:
         "--no-sandbox",
         "--disable-gpu",
         "--disable-dev-shm-usage",
-        "--virtual-time-budget=10000",
+        "--virtual-time-budget=30000",
         "--dump-dom",
         page.resolve().as_uri(),
     ]
@@ -85,11 +85,17 @@ def browser_dom(page: pathlib.Path) -> str:
     return result.stdout
 
 
-def probed_text(page: pathlib.Path) -> str:
-    dom = browser_dom(page)
-    match = re.search(r'<pre id="probe">(.*?)</pre>', dom, re.DOTALL)
-    assert match, f"the probe did not run; DOM starts with {dom[:500]!r}"
-    return html.unescape(match.group(1))
+def probed_text(page: pathlib.Path, attempts: int = 3) -> str:
+    """The page's text once treescope rendered it. On a loaded machine chromium may run out of
+    its virtual-time budget before treescope's scripts finish; such a run is retried."""
+    for _ in range(attempts):
+        dom = browser_dom(page)
+        match = re.search(r'<pre id="probe">(.*?)</pre>', dom, re.DOTALL)
+        assert match, f"the probe did not run; DOM starts with {dom[:500]!r}"
+        text = html.unescape(match.group(1))
+        if "(Loading...)" not in text:
+            break
+    return text
 
 
 def write_page(tmp_path: pathlib.Path, body: str) -> pathlib.Path:
