@@ -112,6 +112,8 @@ def _differentiate(
             )
         inputs = split_inputs(args, kwargs, graph=graph_mode)
         owners = arg_owners(inputs, args, kwargs)
+        if not updates and inputs.walk.num_refs:
+            _check_consistent_aliasing(inputs, owners, {a for a, _ in specs_n})
         walk = inputs.walk
         # int argnums differentiate an object's Params, but every Variable of a plain
         # container (a State or dict of Variables), as the reference does
@@ -181,6 +183,29 @@ def _differentiate(
         return (grads, aux) if has_aux else grads
 
     return wrapper
+
+
+def _check_consistent_aliasing(inputs: Any, owners: list, diff: set) -> None:
+    """Without graph updates, a Variable reachable from a differentiated argument and from
+    another argument would be both differentiated and not: refused."""
+    from refax._graph._flatten import flatten
+
+    seen: dict[int, tuple[bool, Any, int]] = {}
+    for node, pos in zip(inputs.nodes, inputs.node_pos):
+        arg = owners[pos]
+        for leaf in flatten(node).leaves:
+            if not isinstance(leaf, Variable):
+                continue
+            prev = seen.setdefault(id(leaf), (arg in diff, leaf, arg))
+            if prev[0] != (arg in diff):
+                raise ValueError(
+                    "Inconsistent aliasing detected: a "
+                    f"{type(leaf).__name__} is reachable from argument {prev[2]} "
+                    f"({'differentiated' if prev[0] else 'not differentiated'}) and from "
+                    f"argument {arg} ({'differentiated' if arg in diff else 'not differentiated'})"
+                    ". With graph_updates=False a Variable must be differentiated everywhere "
+                    "or nowhere: pass it once."
+                )
 
 
 def _items(argnums: Any) -> tuple:

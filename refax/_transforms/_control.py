@@ -51,7 +51,7 @@ from typing import Any, TypeVar
 
 import jax
 
-from refax._transforms._jit import check_not_bound_method
+from refax._transforms._jit import _input_leaves, check_not_bound_method
 from refax._transforms._lift import (
     Info,
     Inputs,
@@ -60,6 +60,7 @@ from refax._transforms._lift import (
     collect_outputs,
     is_node,
     rebuild_inputs,
+    resolve_modes,
     split_inputs,
     static_of,
 )
@@ -106,7 +107,11 @@ def _describe_mismatch(a: Info, b: Info, ka: int, kb: int) -> str:
 
 
 def _branch_pure(
-    fun: Callable[..., Any], k: int, static: Static, traces: list[tuple[int, Info]]
+    fun: Callable[..., Any],
+    k: int,
+    static: Static,
+    traces: list[tuple[int, Info]],
+    updates: bool = True,
 ) -> Callable[..., Any]:
     """The pure function of branch ``k``: returns every operand leaf, so that all branches
     produce the same output structure whichever leaves they changed."""
@@ -114,8 +119,17 @@ def _branch_pure(
     def pure(values: list[Any], other: list[Any]) -> tuple[Static, list[Any], list[Any]]:
         graphdef = static.value[0]
         args, kwargs, nodes, built = rebuild_inputs(static.value, values, other)
+        input_leaves = None if updates else _input_leaves(nodes)
         out = fun(*args, **kwargs)
-        info, new_values, out_other = collect_outputs(graphdef, values, nodes, built, out)
+        info, new_values, out_other = collect_outputs(
+            graphdef,
+            values,
+            nodes,
+            built,
+            out,
+            graph_updates=updates,
+            input_leaves=input_leaves,
+        )
         traces.append((k, info))
         if info.unchanged:
             new_values = _full_values(info, values, new_values)
@@ -156,13 +170,16 @@ def _select(
     run: Callable[[list[Callable[..., Any]], list[Any], list[Any]], Any],
     branches: Sequence[Callable[..., Any]],
     operands: tuple,
+    graph: bool | None,
+    graph_updates: bool | None,
 ) -> Any:
     for b in branches:
         check_not_bound_method(b, transform)
-    inputs = split_inputs(operands, {})
+    graph, updates = resolve_modes(graph, graph_updates)
+    inputs = split_inputs(operands, {}, graph=graph)
     static = static_of(inputs)
     traces: list[tuple[int, Info]] = []
-    pures = [_branch_pure(b, k, static, traces) for k, b in enumerate(branches)]
+    pures = [_branch_pure(b, k, static, traces, updates) for k, b in enumerate(branches)]
     try:
         info_s, values, out_other = run(pures, inputs.values, inputs.other)
     except TypeError:
@@ -195,9 +212,9 @@ def cond(
         ``true_fun`` and leave the operands' graph structure the same.
       *operands: passed to the chosen branch; may contain objects, whose state updates
         propagate out.
-      graph: accepted for API compatibility (refax always works in graph mode).
-      graph_updates: accepted for API compatibility (structure changes that every branch makes
-        identically always propagate).
+      graph: ``False`` (tree mode) refuses operands that share an object or Variable.
+      graph_updates: ``False`` propagates only Variable values (structure changes that
+        every branch makes identically propagate otherwise).
 
     Returns:
       The chosen branch's output; objects that were operands keep their identity.
@@ -217,6 +234,8 @@ def cond(
         lambda fs, values, other: jax.lax.cond(pred, fs[0], fs[1], values, other),
         (true_fun, false_fun),
         operands,
+        graph,
+        graph_updates,
     )
 
 
@@ -234,8 +253,8 @@ def switch(
       branches: the functions to choose from; they must return the same structure and leave
         the operands' graph structure the same.
       *operands: passed to the chosen branch; may contain objects.
-      graph: accepted for API compatibility.
-      graph_updates: accepted for API compatibility.
+      graph: ``False`` (tree mode) refuses operands that share an object or Variable.
+      graph_updates: ``False`` propagates only Variable values.
 
     Returns:
       The chosen branch's output; objects that were operands keep their identity.
@@ -261,6 +280,8 @@ def switch(
         lambda fs, values, other: jax.lax.switch(index, fs, values, other),
         branches,
         operands,
+        graph,
+        graph_updates,
     )
 
 
@@ -341,8 +362,8 @@ def while_loop(
       body_fun: ``carry -> carry``; returns the carry with the same pytree structure and the
         same objects, updated in place as needed.
       init_val: the initial carry.
-      graph: accepted for API compatibility.
-      graph_updates: accepted for API compatibility.
+      graph: ``False`` (tree mode) refuses a carry that shares an object or Variable.
+      graph_updates: accepted for API compatibility (the carry's structure is fixed).
 
     Returns:
       The final carry; its objects are the ones in ``init_val``, holding the final state.
@@ -360,7 +381,7 @@ def while_loop(
     """
     check_not_bound_method(cond_fun, "while_loop")
     check_not_bound_method(body_fun, "while_loop")
-    inputs = split_inputs((init_val,), {})
+    inputs = split_inputs((init_val,), {}, graph=resolve_modes(graph, graph_updates)[0])
     static = static_of(inputs)
     graphdef = inputs.graphdef
     record: set[int] = set()
@@ -401,8 +422,8 @@ def fori_loop(
         the same objects, updated in place as needed.
       init_val: the initial carry; may contain objects.
       unroll: passed to ``jax.lax.fori_loop`` (static bounds only).
-      graph: accepted for API compatibility.
-      graph_updates: accepted for API compatibility.
+      graph: ``False`` (tree mode) refuses a carry that shares an object or Variable.
+      graph_updates: accepted for API compatibility (the carry's structure is fixed).
 
     Returns:
       The final carry; its objects are the ones in ``init_val``.
@@ -420,7 +441,7 @@ def fori_loop(
       Array([6., 6.], dtype=float32)
     """
     check_not_bound_method(body_fun, "fori_loop")
-    inputs = split_inputs((init_val,), {})
+    inputs = split_inputs((init_val,), {}, graph=resolve_modes(graph, graph_updates)[0])
     record: set[int] = set()
     body = _loop_body("fori_loop", body_fun, inputs, init_val, record, with_index=True)
     kwargs = {} if unroll is None else {"unroll": unroll}

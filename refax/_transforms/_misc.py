@@ -24,13 +24,16 @@ from jax.experimental import checkify as checkify_lib
 
 from refax._graph._flatten import flatten
 from refax._graph._unflatten import unflatten
+from refax._refs import has_refs, read
 from refax._transforms._jit import check_not_bound_method, jit
 from refax._transforms._lift import (
+    Inputs,
     Static,
     apply_outputs,
     is_node,
     make_pure,
     rebuild_inputs,
+    resolve_modes,
     split_inputs,
     static_of,
 )
@@ -88,6 +91,39 @@ def _raw(leaf: Any) -> Any:
     return leaf._raw_value if isinstance(leaf, Variable) else leaf
 
 
+def _plain(leaf: Any) -> Any:
+    """A leaf's raw value with any mutable array reference read (references cannot leave a
+    JAX transform)."""
+    value = _raw(leaf)
+    return read(value) if has_refs(value) else value
+
+
+def check_no_shared(inputs: Inputs, transform: str) -> None:
+    """Without graph updates, an object or Variable reachable twice in the arguments is an
+    error: each argument is handled as an independent pytree."""
+    if inputs.walk.num_refs:
+        raise ValueError(
+            f"Duplicate object or Variable found in the arguments of nnx.{transform}: with "
+            "graph=False or graph_updates=False the arguments are independent pytrees, so "
+            "the same Variable cannot appear twice (duplicate inputs). Pass it once, or use "
+            "graph=True and graph_updates=True."
+        )
+
+
+def check_no_input_outputs(nodes: Sequence[Any], out: Any, transform: str) -> None:
+    """Without graph updates, returning an input object or Variable is an error (the output
+    would alias the input)."""
+    ids = {id(x) for x in flatten(tuple(nodes)).nodes}
+    for x in jax.tree_util.tree_leaves(out, is_leaf=is_node):
+        if is_node(x) and id(x) in ids:
+            raise ValueError(
+                f"nnx.{transform} returned an input {type(x).__name__} as an output: with "
+                "graph=False or graph_updates=False an output cannot alias an input Variable "
+                "(input Variables returned as outputs). Return a copy (nnx.clone) or its "
+                "value instead."
+            )
+
+
 def split_output(out: Any) -> tuple[Static, list[Any], list[Any]]:
     """An output alone (no link to the inputs) as ``(Static(structure), values, other)``."""
     leaves, treedef = jax.tree_util.tree_flatten(out, is_leaf=is_node)
@@ -98,7 +134,7 @@ def split_output(out: Any) -> tuple[Static, list[Any], list[Any]]:
     for i in pos:
         leaves[i] = None
     walk = flatten(nodes)
-    return Static((treedef, pos, walk.graphdef)), [_raw(x) for x in walk.leaves], leaves
+    return Static((treedef, pos, walk.graphdef)), [_plain(x) for x in walk.leaves], leaves
 
 
 def merge_output(structure: tuple, values: Sequence[Any], other: Sequence[Any]) -> Any:
@@ -204,12 +240,15 @@ def eval_shape(
     Args:
       f: the function to evaluate.
       *args: positional arguments; may contain objects.
-      graph: accepted for API compatibility.
-      graph_updates: accepted for API compatibility.
+      graph: ``False`` selects tree mode (see below).
+      graph_updates: ``False`` refuses aliasing (see below).
       **kwargs: keyword arguments; may contain objects.
 
     Returns:
       The abstract output.
+
+    With ``graph=False`` or ``graph_updates=False`` the arguments are independent pytrees: a
+    Variable passed twice, or an input Variable returned as the output, raises ``ValueError``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -219,11 +258,17 @@ def eval_shape(
       ShapeDtypeStruct(shape=(8, 4), dtype=float32)
     """
     check_not_bound_method(f, "eval_shape")
-    inputs = split_inputs(args, kwargs)
+    graph, updates = resolve_modes(graph, graph_updates)
+    inputs = split_inputs(args, kwargs, graph=graph)
+    if not updates:
+        check_no_shared(inputs, "eval_shape")
 
     def pure(static: Static, values: list[Any], other: list[Any]) -> Any:
-        a, kw, _, _ = rebuild_inputs(static.value, values, other)
-        return split_output(f(*a, **kw))
+        a, kw, nodes, _ = rebuild_inputs(static.value, values, other)
+        out = f(*a, **kw)
+        if not updates:
+            check_no_input_outputs(nodes, out, "eval_shape")
+        return split_output(out)
 
     s, values, other = jax.eval_shape(pure, static_of(inputs), inputs.values, inputs.other)
     return merge_output(s.value, values, other)

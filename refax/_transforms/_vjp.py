@@ -7,11 +7,12 @@ RngState, counters) goes in as a non-differentiated input and its updates still 
 Tangents and cotangents for objects are ``State`` objects shaped like
 ``nnx.state(obj, nnx.Param)``; for arrays they are arrays, as in JAX.
 
-Differences from the documented API, which implements ``vjp``/``jvp`` only in tree mode (or
-without graph updates), treating a Module as a pytree of all its Variables: refax works in
-graph mode with updates, differentiates ``Param`` state only, and returns ``State`` cotangents
-(``jvp`` tangents may be a ``State`` or an object of the primal's type, e.g.
-``jax.tree.map(jnp.zeros_like, module)``).
+With ``graph=False`` or ``graph_updates=False`` (the only modes of the documented API)
+a Module is a pytree of all its Variables: every floating-point Variable is differentiated and
+cotangents come back shaped like the primals. refax also works in graph mode with updates
+(which the documented API refuses): there it differentiates ``Param`` state only and returns
+``State`` cotangents (``jvp`` tangents may be a ``State`` or an object of the primal's type,
+e.g. ``jax.tree.map(jnp.zeros_like, module)``).
 
 Example:
   >>> import jax.numpy as jnp
@@ -36,18 +37,25 @@ import jax.numpy as jnp
 import numpy as np
 
 from refax._filters import to_predicate
+from refax._graph._api import map as graph_map
 from refax._statelib import State
-from refax._transforms._jit import check_not_bound_method
+from refax._transforms._jit import _input_leaves, check_not_bound_method
 from refax._transforms._lift import (
     Static,
     apply_outputs,
     collect_outputs,
     is_node,
     rebuild_inputs,
+    resolve_modes,
     split_inputs,
     static_of,
 )
-from refax._transforms._misc import merge_output, split_output
+from refax._transforms._misc import (
+    check_no_input_outputs,
+    check_no_shared,
+    merge_output,
+    split_output,
+)
 from refax._transforms._prefix import DiffState, arg_owners
 from refax._variables import Param, Variable
 
@@ -55,6 +63,16 @@ __all__ = ["vjp", "jvp", "custom_vjp", "CustomVjp"]
 
 A = TypeVar("A")
 _PARAM = to_predicate(Param)
+_MISSING = object()
+
+
+def _inexact(path: tuple, leaf: Any) -> bool:
+    """Tree mode differentiates every floating-point Variable (as JAX does on a pytree)."""
+    value = leaf._raw_value if isinstance(leaf, Variable) else leaf
+    dtype = getattr(value, "dtype", None)
+    if dtype is None:
+        return isinstance(value, (float, complex))
+    return bool(jnp.issubdtype(dtype, jnp.inexact))
 
 
 def _arraylike(x: Any) -> bool:
@@ -111,9 +129,15 @@ class _Split:
     differentiated ones).
     """
 
-    def __init__(self, args: tuple, preds: dict[int, Any], plain_diff: Callable[[int], bool]):
+    def __init__(
+        self,
+        args: tuple,
+        preds: dict[int, Any],
+        plain_diff: Callable[[int], bool],
+        graph: bool = True,
+    ):
         self.args = args
-        self.inputs = inputs = split_inputs(args, {})
+        self.inputs = inputs = split_inputs(args, {}, graph=graph)
         self.owners = owners = arg_owners(inputs, args, {})
         walk = inputs.walk
         mask = []
@@ -190,6 +214,31 @@ class _Split:
             for i in argnums
         )
 
+    def cotangents_like_args(self, g_dv: Sequence[Any], g_do: Sequence[Any], argnums):
+        """Per argument in ``argnums``: a copy of the argument whose Variables hold their
+        cotangents (``float0`` zeros where not differentiated), as ``jax.vjp`` on its pytree."""
+        walk = self.inputs.walk
+        it = iter(g_dv)
+        by_id = {id(leaf): next(it) for leaf, m in zip(walk.leaves, self.value_mask) if m}
+
+        def swap(path: tuple, x: Any) -> Any:
+            if not isinstance(x, Variable):
+                return x
+            g = by_id.get(id(x), _MISSING)
+            if g is _MISSING:
+                g = np.zeros(np.shape(x._raw_value), jax.dtypes.float0)
+            return x.replace(g)
+
+        plain = dict(zip([i for i, m in enumerate(self.other_mask) if m], g_do))
+        return tuple(
+            self.per_arg(
+                i,
+                lambda k: graph_map(swap, self.inputs.nodes[k]),
+                lambda pos: plain.get(pos),
+            )
+            for i in argnums
+        )
+
     def flat_tangents(self, i: int, t: Any, what: str) -> tuple[dict, dict]:
         """Tangents given for argument ``i``: ({dv index: value}, {flat position: value})."""
         start, treedef = self.arg_layout[i]
@@ -240,17 +289,41 @@ def _unpack(out: Any, has_aux: bool, transform: str) -> tuple[Any, Any]:
     return out
 
 
-def _pure_for(sp: _Split, f: Callable[..., Any], has_aux: bool, transform: str):
+def _pure_for(
+    sp: _Split, f: Callable[..., Any], has_aux: bool, transform: str, updates: bool = True
+):
     graphdef = sp.inputs.graphdef
 
     def pure(dv: list[Any], do: list[Any]) -> tuple[Any, tuple]:
         values, args, nodes, built = sp.rebuild(dv, do)
+        input_leaves = None if updates else _input_leaves(nodes)
         out, aux = _unpack(f(*args), has_aux, transform)
         _check_no_nodes(out, transform)
-        info, new_values, aux_other = collect_outputs(graphdef, values, nodes, built, aux)
+        if not updates:
+            check_no_input_outputs(nodes, aux, transform)
+        info, new_values, aux_other = collect_outputs(
+            graphdef,
+            values,
+            nodes,
+            built,
+            aux,
+            graph_updates=updates,
+            input_leaves=input_leaves,
+        )
         return out, (Static(info), new_values, aux_other)
 
     return pure
+
+
+def _split_primals(primals: tuple, graph: bool | None, graph_updates: bool | None, what: str):
+    """The split of vjp/jvp primals: ``Param`` state in graph mode with updates, every
+    floating-point Variable (gradients shaped like the argument) otherwise."""
+    graph, updates = resolve_modes(graph, graph_updates)
+    pred = _PARAM if updates else _inexact
+    sp = _Split(primals, dict.fromkeys(range(len(primals)), pred), lambda owner: True, graph)
+    if not updates:
+        check_no_shared(sp.inputs, what)
+    return sp, updates
 
 
 # -- vjp / jvp -------------------------------------------------------------------------------
@@ -270,8 +343,10 @@ def vjp(
         a function of the primals.
       has_aux: ``f`` returns ``(out, aux)``; ``aux`` may hold objects.
       reduce_axes: deprecated in JAX; must be empty.
-      graph: accepted for API compatibility.
-      graph_updates: accepted for API compatibility.
+      graph: ``False`` selects tree mode: the primals are pytrees (no sharing allowed),
+        every floating-point Variable is differentiated and the cotangents come back shaped
+        like the primals (objects whose Variables hold the cotangents).
+      graph_updates: ``False`` selects the same pytree convention in graph mode.
 
     Returns:
       ``vjp_fn(cotangent)`` returns one cotangent per primal: a ``State`` of ``Param``
@@ -285,14 +360,16 @@ def vjp(
     check_not_bound_method(f, "vjp")
     if not primals:
         return functools.partial(vjp, f, has_aux=has_aux, graph=graph, graph_updates=graph_updates)
-    sp = _Split(primals, dict.fromkeys(range(len(primals)), _PARAM), lambda owner: True)
+    sp, updates = _split_primals(primals, graph, graph_updates, "vjp")
     out, raw_vjp, (info, new_values, aux_other) = jax.vjp(
-        _pure_for(sp, f, has_aux, "vjp"), sp.dv, sp.do, has_aux=True
+        _pure_for(sp, f, has_aux, "vjp", updates), sp.dv, sp.do, has_aux=True
     )
     aux = apply_outputs(sp.inputs, info.value, new_values, aux_other)
 
     def vjp_fn(cotangent: Any) -> tuple[Any, ...]:
         g_dv, g_do = raw_vjp(cotangent)
+        if not updates:
+            return sp.cotangents_like_args(g_dv, g_do, range(len(primals)))
         return sp.cotangents(g_dv, g_do, range(len(primals)))
 
     return (out, vjp_fn, aux) if has_aux else (out, vjp_fn)
@@ -316,8 +393,9 @@ def jvp(
         (missing entries count as zero) or an object of the same structure; for an array, an
         array; ``None`` anywhere means zero.
       has_aux: ``f`` returns ``(out, aux)``; ``aux`` may hold objects.
-      graph: accepted for API compatibility.
-      graph_updates: accepted for API compatibility.
+      graph: ``False`` selects tree mode: the primals are pytrees (no sharing allowed) and
+        every floating-point Variable takes a tangent.
+      graph_updates: ``False`` selects the same pytree convention in graph mode.
 
     Returns:
       The output and its tangent; state updates made by ``f`` propagate to the primals.
@@ -340,7 +418,7 @@ def jvp(
             f"nnx.jvp: got {len(primals)} primals but {len(tangents)} tangents; pass one "
             "tangent per primal (None for zero)."
         )
-    sp = _Split(primals, dict.fromkeys(range(len(primals)), _PARAM), lambda owner: True)
+    sp, updates = _split_primals(primals, graph, graph_updates, "jvp")
     by_dv: dict[int, Any] = {}
     by_pos: dict[int, Any] = {}
     for i, t in enumerate(tangents):
@@ -353,7 +431,7 @@ def jvp(
     t_do = [by_pos.get(p) for p in do_pos]
     t_do = [_zero_like(x) if t is None else t for x, t in zip(sp.do, t_do)]
     out, t_out, (info, new_values, aux_other) = jax.jvp(
-        _pure_for(sp, f, has_aux, "jvp"), (sp.dv, sp.do), (t_dv, t_do), has_aux=True
+        _pure_for(sp, f, has_aux, "jvp", updates), (sp.dv, sp.do), (t_dv, t_do), has_aux=True
     )
     aux = apply_outputs(sp.inputs, info.value, new_values, aux_other)
     return (out, t_out, aux) if has_aux else (out, t_out)
@@ -363,45 +441,59 @@ def jvp(
 class CustomVjp(Generic[A]):
     """A function with a custom VJP; made by :func:`custom_vjp`, completed by :meth:`defvjp`.
 
-    Calling conventions (those of the documented API in graph mode):
+    Calling conventions in graph mode with graph updates (the default):
 
     * ``fwd(*args) -> (out, residuals)``, with the same arguments as the function; it usually
       calls the function itself. Residuals may hold objects (they are rebuilt for ``bwd``).
     * ``bwd(*nondiff_args, residuals, (input_updates_g, out_g)) -> cotangents``: ``out_g`` is
       the output's cotangent; ``input_updates_g`` has one entry per differentiated argument,
       a ``State`` of the differentiable Variables of each object (the cotangent flowing into
-      the values the function wrote to them, zeros for the others) and ``None`` for other
-      arguments. Copy it (``jax.tree.map(lambda x: x, ...)``) to get a template for the
+      the values the call left in them, zeros for values it did not write) and ``None`` for
+      other arguments. Copy it (``jax.tree.map(lambda x: x, ...)``) to get a template for the
       cotangents.
     * ``bwd`` returns one cotangent per differentiated argument (``nondiff_argnums`` ints
       excluded): a ``State`` for an object (missing entries are zero, extra ones ignored;
       an object of the same structure is accepted too), arrays for arrays, ``None`` for zero.
 
-    With ``graph_updates=False`` (or ``graph=False``), ``bwd`` receives ``out_g`` alone, plus
-    ``updates_g=input_updates_g`` if it declares that keyword.
+    With ``graph_updates=False`` (or ``graph=False``) the arguments are handled as pytrees,
+    as ``jax.custom_vjp`` would: every Variable of a differentiated argument is
+    differentiated, ``nondiff_argnums`` (ints only) may hold objects, whose updates still
+    propagate, an argument may not share a Variable with another one nor be returned, and
+    ``bwd(*nondiff_args, residuals, out_g)`` returns cotangents shaped like the arguments
+    (e.g. ``jax.tree.map(lambda x: x, module)`` with the gradients written in). If ``bwd``
+    declares an ``updates_g`` parameter it also receives, per argument, a copy of the argument
+    holding the cotangent of each Variable the call updated (``None`` for the others).
     """
 
     def __init__(
         self,
         fun: Callable[..., A],
         nondiff_argnums: Sequence[int | DiffState] = (),
-        updates_convention: bool = True,
+        graph: bool | None = None,
+        graph_updates: bool | None = None,
     ):
         check_not_bound_method(fun, "custom_vjp")
         functools.update_wrapper(self, fun)
         self.fun = fun
         self.nondiff_argnums = tuple(nondiff_argnums)
-        self._ints = tuple(a for a in self.nondiff_argnums if isinstance(a, int))
-        self._filters = tuple(
-            (a.argnum, a.filter) for a in self.nondiff_argnums if isinstance(a, DiffState)
-        )
         bad = [a for a in self.nondiff_argnums if not isinstance(a, (int, DiffState))]
         if bad:
             raise TypeError(
                 f"nnx.custom_vjp: nondiff_argnums entries must be ints or nnx.DiffState, got "
                 f"{bad[0]!r}."
             )
-        self._updates_convention = updates_convention
+        self._graph, self._updates = resolve_modes(graph, graph_updates)
+        self._ints = tuple(a for a in self.nondiff_argnums if isinstance(a, int))
+        self._filters = tuple(
+            (a.argnum, a.filter) for a in self.nondiff_argnums if isinstance(a, DiffState)
+        )
+        if self._filters and not self._updates:
+            raise ValueError(
+                "nnx.custom_vjp: `nondiff_argnums` cannot contain `DiffState` objects with "
+                "graph=False or graph_updates=False: every Variable of a differentiated "
+                "argument is differentiated there. Use ints, or graph=True and "
+                "graph_updates=True."
+            )
         self.fwd: Callable[..., Any] | None = None
         self.bwd: Callable[..., Any] | None = None
         self._bwd_updates_g = False
@@ -444,25 +536,51 @@ class CustomVjp(Generic[A]):
         return _CustomVjpCall(self, args).run()
 
 
+def _everything(path: tuple, leaf: Any) -> bool:
+    return True
+
+
+def _is_float0(x: Any) -> bool:
+    return getattr(x, "dtype", None) == jax.dtypes.float0
+
+
+def _cotangent_for(primal: Any, ct: Any) -> Any:
+    """A cotangent JAX accepts for ``primal``: ``float0`` zeros for a non-float primal."""
+    if ct is None:
+        return None
+    if not jnp.issubdtype(jnp.result_type(primal), jnp.inexact):
+        return np.zeros(jnp.shape(primal), jax.dtypes.float0)
+    return ct
+
+
 class _CustomVjpCall:
     """One call of a :class:`CustomVjp`: the pure functions JAX's custom_vjp sees."""
 
     def __init__(self, cv: CustomVjp, args: tuple):
         self.cv = cv
+        self.simple = simple = not cv._updates
         n = len(args)
         self.nondiff = tuple(sorted({a % n for a in cv._ints if -n <= a < n}))
         self.diff_args = tuple(i for i in range(n) if i not in self.nondiff)
         filters = {a % n: f for a, f in cv._filters if -n <= a < n}
-        preds = {i: to_predicate(filters.get(i, Param)) for i in self.diff_args}
-        self.sp = sp = _Split(args, preds, lambda owner: owner not in self.nondiff)
-        for pos in sp.inputs.node_pos:
-            if sp.owners[pos] in self.nondiff:
-                raise ValueError(
-                    f"nnx.custom_vjp: nondiff_argnums marks argument {sp.owners[pos]} as "
-                    "non-differentiable, but it holds a refax object; integers cannot mark "
-                    "objects. Use nnx.DiffState(argnum, nnx.Nothing) (or another filter) to "
-                    "choose which of its Variables are differentiable."
-                )
+        if simple:
+            preds = dict.fromkeys(self.diff_args, _everything)
+        else:
+            preds = {i: to_predicate(filters.get(i, Param)) for i in self.diff_args}
+        # tree mode checks sharing itself (one error message for both modes)
+        self.sp = sp = _Split(args, preds, lambda owner: owner not in self.nondiff, True)
+        if simple:
+            check_no_shared(sp.inputs, "custom_vjp")
+        else:
+            for pos in sp.inputs.node_pos:
+                if sp.owners[pos] in self.nondiff:
+                    raise ValueError(
+                        f"nnx.custom_vjp: nondiff_argnums marks argument {sp.owners[pos]} as "
+                        "non-differentiable, but it holds a refax object; integers cannot mark "
+                        "objects in graph mode with graph updates. Use nnx.DiffState(argnum, "
+                        "nnx.Nothing) (or another filter) to choose which of its Variables are "
+                        "differentiable, or graph_updates=False."
+                    )
         # the other leaves that are not differentiated: arrays go through JAX, the rest static
         self.na_mask = tuple(x is not None and _arraylike(x) for x in sp.no)
         self.na = [x for m, x in zip(self.na_mask, sp.no) if m]
@@ -474,25 +592,49 @@ class _CustomVjpCall:
         no = _fill(self.na_mask, na, self.no_static)
         return self.sp.rebuild(dv, da, nv, no)
 
-    def _outputs(self, values, nodes, built, out) -> tuple[Static, list, list]:
-        info, new_values, out_other = collect_outputs(
-            self.sp.inputs.graphdef, values, nodes, built, out
-        )
-        if not info.unchanged:
-            raise ValueError(
-                f"nnx.custom_vjp: {getattr(self.cv, '__name__', 'the function')} changed the "
-                "graph structure of its arguments (added, deleted or re-shared attributes) or "
-                "returned new objects; custom_vjp functions may only update Variable values."
+    def _outputs(self, values, nodes, built, out) -> tuple:
+        """The primal output: (Static, output leaves, input leaves written back)."""
+        graphdef = self.sp.inputs.graphdef
+        input_leaves = self._input_leaves
+        if self.simple:
+            check_no_input_outputs(nodes, out, "custom_vjp")
+            info, new_values, _ = collect_outputs(
+                graphdef,
+                values,
+                nodes,
+                built,
+                None,
+                graph_updates=False,
+                input_leaves=input_leaves,
             )
+            s, out_values, out_other = split_output(out)
+            mask = tuple(x is not None and _arraylike(x) for x in out_other)
+            static_other = tuple(None if m else x for m, x in zip(mask, out_other))
+            out_arrays = [x for m, x in zip(mask, out_other) if m]
+            meta = Static((info, s.value, mask, static_other))
+            return meta, (out_values, out_arrays), new_values
+        position = {id(x): i for i, x in enumerate(input_leaves) if isinstance(x, Variable)}
+
+        def annotate(joint: Any) -> list[int]:
+            # the input leaf each leaf of the joint walk is (-1: new, or not a Variable)
+            return [position.get(id(x), -1) for x in joint.leaves]
+
+        info, new_values, out_other = collect_outputs(
+            graphdef, values, nodes, built, out, annotate=annotate
+        )
         return Static(info), out_other, new_values
 
-    def primal(self, dv, da, nv, na):
+    def _call(self, fn, dv, da, nv, na):
         values, args, nodes, built = self._rebuild(dv, da, nv, na)
-        return self._outputs(values, nodes, built, self.cv.fun(*args))
+        self._input_leaves = _input_leaves(nodes)
+        return values, nodes, built, fn(*args)
+
+    def primal(self, dv, da, nv, na):
+        values, nodes, built, out = self._call(self.cv.fun, dv, da, nv, na)
+        return self._outputs(values, nodes, built, out)
 
     def forward(self, dv, da, nv, na):
-        values, args, nodes, built = self._rebuild(dv, da, nv, na)
-        result = self.cv.fwd(*args)  # type: ignore[misc]
+        values, nodes, built, result = self._call(self.cv.fwd, dv, da, nv, na)
         if not (isinstance(result, tuple) and len(result) == 2):
             raise ValueError(
                 "nnx.custom_vjp: fwd must return a pair (output, residuals), got "
@@ -504,39 +646,87 @@ class _CustomVjpCall:
         mask = tuple(x is not None and _arraylike(x) for x in res_other)
         self.res_layout = (s.value, mask, [None if m else x for m, x in zip(mask, res_other)])
         res_arrays = [x for m, x in zip(mask, res_other) if m]
-        return primal_out, (res_values, res_arrays, na)
+        return primal_out, (res_values, res_arrays, dv, da, nv, na)
 
-    def backward(self, residuals, g):
+    def _updates_g_graph(self, info, g_new_values) -> tuple:
+        """``input_updates_g`` of graph mode with updates: per differentiated argument holding
+        objects, a State of every Variable of each object (the cotangent of the value the call
+        left in it where that value comes out of the call, zeros elsewhere)."""
         sp = self.sp
-        res_values, res_arrays, na = residuals
-        structure, mask, template = self.res_layout
-        res = merge_output(structure, res_values, _fill(mask, res_arrays, template))
-        info_s, g_out_other, g_new_values = g
-        info = info_s.value
-        out_g = jax.tree_util.tree_unflatten(info.out_treedef, g_out_other)
-        # cotangents of the values the function wrote into differentiated Variables
-        dv_index = {i: j for j, i in enumerate(i for i, m in enumerate(sp.value_mask) if m)}
-        upd = [None] * len(sp.dv)
-        for i, g_i in zip(info.changed, g_new_values):
-            if i in dv_index:
-                upd[dv_index[i]] = g_i
-        upd = [jnp.zeros(s.shape, s.dtype) if u is None else u for s, u in zip(self.dv_shapes, upd)]
-        input_updates_g = tuple(
-            sp.per_arg(i, lambda k: sp.state_of(k, upd), lambda pos: None)
+        walk = sp.inputs.walk
+        n = len(walk.leaves)
+        upd: list[Any] = [None] * n
+        pairs = zip(info.changed if info.unchanged else info.annotation, g_new_values)
+        for i, g_i in pairs:
+            if 0 <= i < n:
+                upd[i] = g_i
+        values = sp.inputs.values
+        upd = [
+            jnp.zeros(jnp.shape(v), jnp.result_type(v)) if u is None or _is_float0(u) else u
+            for v, u in zip(values, upd)
+        ]
+
+        def state_of(k: int) -> Any:
+            root: dict = {}
+            for leaf, path, u in zip(walk.leaves, walk.paths, upd):
+                if path[0] != k:
+                    continue
+                v = leaf.replace(u) if isinstance(leaf, Variable) else u
+                if len(path) == 1:
+                    return v
+                d = root
+                for key in path[1:-1]:
+                    d = d.setdefault(key, {})
+                d[path[-1]] = v
+            return State._from_dict_unsafe(root)
+
+        return tuple(
+            sp.per_arg(i, state_of, lambda pos: None)
             if any(sp.owners[p] == i for p in sp.inputs.node_pos)
             else None
             for i in self.diff_args
         )
-        other = _fill(self.na_mask, na, self.no_static)
-        all_args, _ = jax.tree_util.tree_unflatten(sp.inputs.treedef, other)
-        nondiff_args = [all_args[i] for i in self.nondiff]
+
+    def _updates_g_tree(self, info, g_new_values) -> tuple:
+        """``updates_g`` without graph updates: per argument, a copy holding the cotangent of
+        each updated Variable (``None`` elsewhere)."""
+        sp = self.sp
+        leaves = sp.inputs.walk.leaves
+        by_id = {id(leaves[i]): g for i, g in zip(info.changed, g_new_values)}
+
+        def swap(x: Any) -> Any:
+            g = by_id.get(id(x), _MISSING) if isinstance(x, Variable) else _MISSING
+            return None if g is _MISSING else x.replace(g)
+
+        def for_node(k: int) -> Any:
+            return jax.tree_util.tree_map(
+                swap, sp.inputs.nodes[k], is_leaf=lambda x: isinstance(x, Variable)
+            )
+
+        return tuple(sp.per_arg(i, for_node, lambda pos: None) for i in range(len(sp.args)))
+
+    def backward(self, residuals, g):
+        sp = self.sp
+        res_values, res_arrays, dv, da, nv, na = residuals
+        structure, mask, template = self.res_layout
+        res = merge_output(structure, res_values, _fill(mask, res_arrays, template))
+        _, args, _, _ = self._rebuild(dv, da, nv, na)
+        nondiff_args = [args[i] for i in self.nondiff]
         bwd = self.cv.bwd
-        if self.cv._updates_convention:
-            cts = bwd(*nondiff_args, res, (input_updates_g, out_g))  # type: ignore[misc]
-        elif self.cv._bwd_updates_g:
-            cts = bwd(*nondiff_args, res, out_g, updates_g=input_updates_g)  # type: ignore[misc]
+        if self.simple:
+            meta, (g_out_values, g_out_arrays), g_new_values = g
+            info, s, out_mask, static_other = meta.value
+            out_g = merge_output(s, g_out_values, _fill(out_mask, g_out_arrays, static_other))
+            kwargs = {}
+            if self.cv._bwd_updates_g:
+                kwargs["updates_g"] = self._updates_g_tree(info, g_new_values)
+            cts = bwd(*nondiff_args, res, out_g, **kwargs)  # type: ignore[misc]
         else:
-            cts = bwd(*nondiff_args, res, out_g)  # type: ignore[misc]
+            info_s, g_out_other, g_new_values = g
+            info = info_s.value
+            out_g = jax.tree_util.tree_unflatten(info.out_treedef, g_out_other)
+            input_updates_g = self._updates_g_graph(info, g_new_values)
+            cts = bwd(*nondiff_args, res, (input_updates_g, out_g))  # type: ignore[misc]
         if isinstance(cts, list):
             cts = tuple(cts)
         if not isinstance(cts, tuple) or len(cts) != len(self.diff_args):
@@ -552,16 +742,22 @@ class _CustomVjpCall:
             d, p = sp.flat_tangents(i, ct, "cotangent bwd returned")
             by_dv.update(d)
             by_pos.update(p)
-        g_dv = [by_dv.get(j) for j in range(len(sp.dv))]
-        g_da = [by_pos.get(p) for p in (i for i, m in enumerate(sp.other_mask) if m)]
-        return g_dv, g_da, [None] * len(sp.nv), [None] * len(self.na)
+        g_dv = [_cotangent_for(x, by_dv.get(j)) for j, x in enumerate(dv)]
+        da_pos = [i for i, m in enumerate(sp.other_mask) if m]
+        g_da = [_cotangent_for(x, by_pos.get(p)) for x, p in zip(da, da_pos)]
+        return g_dv, g_da, [None] * len(nv), [None] * len(na)
 
     def run(self) -> Any:
         sp = self.sp
         fn = jax.custom_vjp(self.primal)
         fn.defvjp(self.forward, self.backward)
-        info_s, out_other, new_values = fn(sp.dv, sp.do, sp.nv, self.na)
-        return apply_outputs(sp.inputs, info_s.value, new_values, out_other)
+        meta, out, new_values = fn(sp.dv, sp.do, sp.nv, self.na)
+        if not self.simple:
+            return apply_outputs(sp.inputs, meta.value, new_values, out)
+        info, s, out_mask, static_other = meta.value
+        apply_outputs(sp.inputs, info, new_values, [])
+        out_values, out_arrays = out
+        return merge_output(s, out_values, _fill(out_mask, out_arrays, static_other))
 
 
 def custom_vjp(
@@ -573,18 +769,23 @@ def custom_vjp(
 ) -> Any:
     """Lifted ``jax.custom_vjp``: a function of objects with a user-defined backward pass.
 
-    By default the ``Param`` Variables of object arguments and all array arguments are
-    differentiable; ``nondiff_argnums`` may hold ints (plain arguments that get no cotangent
-    and are passed first to ``bwd``, as in JAX) and ``DiffState(argnum, filter)`` entries
-    (the Variables of that object argument that are differentiable). See :class:`CustomVjp`
-    for the ``fwd``/``bwd`` calling conventions. (The documented API differentiates every
-    Variable of an object by default; refax uses ``Param``, like ``nnx.grad``.)
+    In graph mode with graph updates (the default), the ``Param`` Variables of object
+    arguments and all array arguments are differentiable; ``nondiff_argnums`` may hold ints
+    (plain arguments that get no cotangent and are passed first to ``bwd``, as in JAX) and
+    ``DiffState(argnum, filter)`` entries (the Variables of that object argument that are
+    differentiable). The function may update Variables and change the arguments' graph
+    structure (e.g. a counter attribute); both propagate out. With ``graph=False`` or
+    ``graph_updates=False`` the arguments are pytrees, as in ``jax.custom_vjp``. See
+    :class:`CustomVjp` for the ``fwd``/``bwd`` calling conventions of both. (The documented
+    API differentiates every Variable of an object by default in graph mode too; refax uses
+    ``Param``, like ``nnx.grad``.)
 
     Args:
       fun: the function (omit it to use ``custom_vjp(...)`` as a decorator factory).
-      nondiff_argnums: ints and ``DiffState`` prefixes, as described above.
-      graph: ``False`` selects the simpler ``bwd(res, out_g)`` convention.
-      graph_updates: ``False`` selects the simpler ``bwd(res, out_g)`` convention.
+      nondiff_argnums: ints and (graph mode with updates only) ``DiffState`` prefixes.
+      graph: ``False`` selects tree mode (arguments as pytrees). ``None`` reads the default
+        when ``custom_vjp`` is applied.
+      graph_updates: ``False`` selects the pytree convention in graph mode too.
 
     Returns:
       A :class:`CustomVjp`; call ``.defvjp(fwd, bwd)`` before using it.
@@ -614,7 +815,6 @@ def custom_vjp(
       >>> float(grads['x'].value), float(grads['y'].value)
       (2.0, 0.0)
     """
-    convention = graph is not False and graph_updates is not False
     if fun is None:
-        return lambda f: CustomVjp(f, nondiff_argnums, convention)
-    return CustomVjp(fun, nondiff_argnums, convention)
+        return lambda f: CustomVjp(f, nondiff_argnums, graph, graph_updates)
+    return CustomVjp(fun, nondiff_argnums, graph, graph_updates)
