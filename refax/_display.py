@@ -35,8 +35,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from refax._object import Pytree, is_data
-from refax._variables import _DEFAULT_METADATA, Variable, _human_bytes, _size_bytes
+from refax._object import Module, Pytree, is_data
+from refax._variables import _DEFAULT_METADATA, DISPLAY, Variable, _human_bytes, _size_bytes
 
 __all__ = ["display", "object_repr", "treescope_object", "treescope_variable", "max_repr_depth"]
 
@@ -266,8 +266,6 @@ def treescope_object(obj: Pytree, path: str | None, subtree_renderer: Any) -> An
     """
     from treescope import formatting_util
 
-    from refax._object import Module
-
     stats = _collect_stats(obj, {})
     color = None
     if isinstance(obj, Module):
@@ -326,3 +324,9 @@ def display(*args: Any) -> None:
             return
     for arg in args:
         print(arg)
+
+
+# Objects and Variables render through these (see ``refax._variables.DISPLAY``).
+DISPLAY.object_repr = object_repr
+DISPLAY.treescope_object = treescope_object
+DISPLAY.treescope_variable = treescope_variable

@@ -48,8 +48,15 @@ import jax
 import numpy as np
 
 from refax import _kinds
+from refax._filters import to_predicate
 from refax._tracers import bump_epoch, current_trace
-from refax._variables import Intermediate, Perturbation, Variable
+from refax._variables import (
+    DISPLAY,
+    Intermediate,
+    Perturbation,
+    Variable,
+    variable_type_from_name,
+)
 from refax.errors import TraceContextError
 
 __all__ = [
@@ -577,14 +584,10 @@ class Pytree:
 
     # -- display ---------------------------------------------------------------------------
     def __repr__(self) -> str:
-        from refax._display import object_repr
-
-        return object_repr(self)
+        return DISPLAY.object_repr(self)
 
     def __treescope_repr__(self, path: str | None, subtree_renderer: Any) -> Any:
-        from refax._display import treescope_object
-
-        return treescope_object(self, path, subtree_renderer)
+        return DISPLAY.treescope_object(self, path, subtree_renderer)
 
 
 _STATE_TYPES = (*_STATE_TYPES, Pytree)
@@ -824,8 +827,6 @@ class Module(Pytree):
           True if the value was recorded.
         """
         if isinstance(variable_type, str):
-            from refax._variables import variable_type_from_name
-
             variable_type = variable_type_from_name(variable_type, allow_register=True)
         captures = self.__dict__.get(_CAPTURES)
         if captures is not None:
@@ -867,8 +868,6 @@ class Module(Pytree):
         import jax.numpy as jnp
 
         if isinstance(variable_type, str):
-            from refax._variables import variable_type_from_name
-
             variable_type = variable_type_from_name(variable_type, allow_register=True)
         captures = self.__dict__.get(_CAPTURES)
         if captures is not None:
@@ -912,8 +911,7 @@ class Module(Pytree):
         Raises ValueError naming the attributes no Module had, unless ``raise_if_not_found``
         is False. ``graph`` selects the traversal mode (None reads the default).
         """
-        from refax._filters import to_predicate
-        from refax._graph import iter_modules
+        from refax._graph import iter_modules  # the graph layer builds on objects
 
         preds = [to_predicate(f) for f in filters]
         remaining = set(attributes)

@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from refax._filters import to_predicate
 from refax._object import Pytree
 from refax._variables import Variable
 
@@ -236,8 +237,6 @@ class RngStream(_RandomMethods, Pytree):
 
 
 def _per_stream(spec: Any) -> list[tuple[Callable[..., bool], Any]]:
-    from refax._filters import to_predicate
-
     if spec is None or isinstance(spec, (int, tuple)):
         spec = {...: spec}
     return [(to_predicate(f), v) for f, v in spec.items()]

@@ -42,6 +42,7 @@ from typing import Any, TypeVar
 import jax
 import numpy as np
 
+from refax._filters import filters_to_predicates
 from refax._variables import Variable
 from refax.typing import Filter, Key, PathParts
 
@@ -222,8 +223,6 @@ def _split(d: dict, prefix: tuple, preds: tuple, rest: list) -> list:
 
 
 def _predicates(filters: tuple) -> tuple:
-    from refax._filters import filters_to_predicates
-
     return filters_to_predicates(filters)
 
 

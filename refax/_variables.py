@@ -85,6 +85,22 @@ _HOOK_SET = frozenset(_HOOK_KEYS)
 _Ref = jax.Ref
 
 
+class _DisplayHooks:
+    """How Objects and Variables render (``repr``, treescope), installed by
+    ``refax._display`` when it is imported: the display layer imports the objects it renders,
+    they do not import it. Until then, plain ``object`` reprs."""
+
+    __slots__ = ("object_repr", "treescope_object", "treescope_variable")
+
+    def __init__(self) -> None:
+        self.object_repr: Callable[[Any], str] = object.__repr__
+        self.treescope_object: Callable[..., Any] = lambda obj, *_: NotImplemented
+        self.treescope_variable: Callable[..., Any] = lambda var, *_: NotImplemented
+
+
+DISPLAY = _DisplayHooks()
+
+
 def _meta_plain(meta: Mapping[str, Any]) -> bool:
     """True when the metadata asks for nothing beyond plain storage (no mode, no hook)."""
     return not (meta.get("ref") or meta.get("hijax")) and _HOOK_SET.isdisjoint(meta)
@@ -965,9 +981,7 @@ class Variable(Generic[A]):
         return head + "\n" + ",\n".join(lines) + "\n)"
 
     def __treescope_repr__(self, path: str | None, subtree_renderer: Any) -> Any:
-        from refax._display import treescope_variable
-
-        return treescope_variable(self, path, subtree_renderer)
+        return DISPLAY.treescope_variable(self, path, subtree_renderer)
 
 
 def _val(v: Variable) -> Any:
