@@ -81,6 +81,10 @@ def broadcast_prefix(
             f"{what}: an object can only take {_KINDS.get(is_leaf, 'a leaf')} as its prefix, "
             f"got {type(prefix).__name__}."
         )
+    from refax._statelib import State
+
+    if isinstance(prefix, State) and isinstance(tree, State):
+        return _state_prefix(prefix, tree, what, is_leaf)
     if isinstance(prefix, (tuple, list)) and isinstance(tree, (tuple, list)):
         if len(prefix) != len(tree):
             raise ValueError(
@@ -99,6 +103,29 @@ def broadcast_prefix(
     raise ValueError(
         f"{what}: cannot use a {type(prefix).__name__} as a prefix of a {type(tree).__name__}."
     )
+
+
+def _state_prefix(prefix: Any, tree: Any, what: str, is_leaf: Callable[[Any], bool]) -> list:
+    """One prefix value per leaf of the State ``tree`` from a State ``prefix`` keyed like it
+    (a value met on the way down covers everything below it)."""
+    from refax._statelib import State
+
+    out = []
+    for path, _ in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_node)[0]:
+        p = prefix
+        for k in path:
+            if is_leaf(p) or not isinstance(p, (State, dict)):
+                break
+            key = getattr(k, "key", getattr(k, "idx", getattr(k, "name", None)))
+            try:
+                p = p[key]
+            except KeyError:
+                raise ValueError(
+                    f"{what}: the State prefix has no entry at "
+                    f"'{jax.tree_util.keystr(path)}' of the State it describes."
+                ) from None
+        out.append(p)
+    return out
 
 
 def bind_keywords(fun: Callable[..., Any], args: tuple, kwargs: dict, prefix: Any) -> tuple:

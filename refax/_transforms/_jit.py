@@ -40,6 +40,7 @@ from refax._transforms._lift import (
     Inputs,
     Static,
     apply_outputs,
+    check_no_input_returned,
     check_output_types,
     collect_outputs,
     is_node,
@@ -134,8 +135,6 @@ class JitWrapped:
         self.fun = fun
         self.in_shardings = in_shardings
         self.out_shardings = out_shardings
-        self.static_argnums = _as_tuple(static_argnums)
-        self.static_argnames = _as_tuple(static_argnames)
         self.donate_argnums = _as_tuple(donate_argnums)
         self.donate_argnames = _as_tuple(donate_argnames)
         self.graph = graph
@@ -144,6 +143,11 @@ class JitWrapped:
             self._signature: inspect.Signature | None = inspect.signature(fun)
         except (TypeError, ValueError):
             self._signature = None
+        # like jax.jit: a static parameter may be named by position or by name, and is static
+        # whichever way the caller passes it
+        self.static_argnums, self.static_argnames = _infer_static(
+            self._signature, _as_tuple(static_argnums), _as_tuple(static_argnames)
+        )
         self._out_sh = _HashableTree(out_shardings) if out_shardings is not None else None
         self._statics: dict[tuple, tuple] = {}  # per argument structure: masks and Static
         self._last_trace: dict | None = None  # what the last trace saw (explain_retraces)
@@ -170,7 +174,7 @@ class JitWrapped:
         kept_other: list[Any],
     ):
         graphdef, treedef, node_pos, extra = static.value
-        static_args, value_mask, other_mask, in_sh, out_sh, modes = extra
+        static_args, value_mask, other_mask, in_sh, out_sh, modes, _ = extra
         values = _interleave(value_mask, donated_values, kept_values)
         other = _interleave(other_mask, donated_other, kept_other)
         if in_sh is not None:
@@ -185,9 +189,16 @@ class JitWrapped:
         input_leaves = None if graph_updates else _input_leaves(nodes)
         out = self.fun(*args, **kwargs)
         check_output_types(self.fun, out, "jit")
-        if out_sh is not None and _per_variable(out_sh.tree) and is_node(out):
-            _shard_object(out, out_sh.tree)  # per-Variable out_shardings of a returned object
+        if not modes[0]:
+            check_no_input_returned("jit", input_leaves, out)
+        if out_sh is not None and _per_variable(out_sh.tree):
+            out = _shard_tree(out, out_sh.tree, "out_shardings")  # per-Variable out_shardings
             out_sh = None
+        # donated inputs must all come back, or the Variables would keep deleted buffers;
+        # inputs with an in_sharding come back laid out by it (as jax.jit's outputs would)
+        mask = value_mask
+        if in_sh is not None:
+            mask = tuple(m or s is not None for m, s in zip(value_mask, in_sh))
         info, new_values, out_other = collect_outputs(
             graphdef,
             values,
@@ -196,9 +207,10 @@ class JitWrapped:
             out,
             graph_updates=graph_updates,
             input_leaves=input_leaves,
-            # donated inputs must all come back, or the Variables would keep deleted buffers
-            every_input=value_mask if any(value_mask) else False,
+            every_input=mask if any(mask) else False,
         )
+        if in_sh is not None:
+            new_values = _reshard_inputs(info, new_values, in_sh, extra_paths(static))
         if out_sh is not None:
             new_values, out_other = _constrain_outputs(out_sh, info, new_values, out_other)
         return Static(info), new_values, out_other
@@ -227,7 +239,8 @@ class JitWrapped:
             if self.in_shardings is not None
             else None
         )
-        extra = (static_args, value_mask, other_mask, in_sh, self._out_sh, modes)
+        in_paths = tuple(inputs.walk.paths) if in_sh is not None else ()
+        extra = (static_args, value_mask, other_mask, in_sh, self._out_sh, modes, in_paths)
         static = Static((graphdef, inputs.treedef, inputs.node_pos, extra))
         if len(self._statics) >= 64:
             self._statics.pop(next(iter(self._statics)))
@@ -249,17 +262,91 @@ class JitWrapped:
             info, values, out_other = self._jitted(static, dv, kv, do, ko)
         return apply_outputs(inputs, info.value, values, out_other)
 
-    def lower(self, *args: Any, **kwargs: Any) -> Any:
-        """``jax.jit(...).lower`` on the pure function, for cost and memory analysis."""
+    def lower(self, *args: Any, **kwargs: Any) -> Lowered:
+        """``jax.jit(...).lower`` on the pure function: a :class:`Lowered` whose ``compile()``
+        is called with the same kind of arguments as this function (objects included, their
+        updates propagated); other attributes (``as_text``, ``cost_analysis``...) are JAX's."""
         inputs, (value_mask, other_mask), static = self._prepare(args, kwargs)
         dv, kv = _split_by_mask(value_mask, inputs.values)
         do, ko = _split_by_mask(other_mask, inputs.other)
-        return self._jitted.lower(static, dv, kv, do, ko)
+        return Lowered(self, static, self._jitted.lower(static, dv, kv, do, ko))
+
+    def partial(self, *args: Any) -> JitPartial:
+        """This function with its first positional arguments fixed to ``args``."""
+        return JitPartial(self, args)
 
     def eval_shape(self, *args: Any, **kwargs: Any) -> Any:
         from refax._transforms._misc import eval_shape
 
         return eval_shape(self.fun, *args, **kwargs)
+
+
+class JitPartial:
+    """An :class:`JitWrapped` with its first positional arguments fixed (``nnx.jit_partial``).
+
+    In tree mode the fixed arguments are checked for shared references when it is made.
+    """
+
+    def __init__(self, wrapped: JitWrapped, args: tuple):
+        graph = resolve_modes(wrapped.graph, wrapped.graph_updates)[0]
+        if not graph:
+            split_inputs(args, {}, graph=False)  # raises on a shared reference
+        self.func, self.args = wrapped, args
+        functools.update_wrapper(self, wrapped.fun)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.func(*self.args, *args, **kwargs)
+
+    def lower(self, *args: Any, **kwargs: Any) -> Lowered:
+        lowered = self.func.lower(*self.args, *args, **kwargs)
+        lowered._bound = self.args
+        return lowered
+
+
+class Lowered:
+    """What :meth:`JitWrapped.lower` returns: JAX's ``Lowered``, compiled for objects."""
+
+    def __init__(self, wrapped: JitWrapped, static: Static, lowered: Any):
+        self._wrapped, self._static, self._lowered = wrapped, static, lowered
+        self._bound: tuple = ()
+
+    def compile(self, *args: Any, **kwargs: Any) -> Compiled:
+        compiled = Compiled(self._wrapped, self._static, self._lowered.compile(*args, **kwargs))
+        compiled._bound = self._bound
+        return compiled
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._lowered, name)
+
+
+class Compiled:
+    """A compiled ``nnx.jit`` function: call it with the arguments it was lowered for (the
+    same structure); Variable updates propagate as with the jitted function."""
+
+    def __init__(self, wrapped: JitWrapped, static: Static, compiled: Any):
+        self._wrapped, self._static, self._compiled = wrapped, static, compiled
+        self._bound: tuple = ()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        args = (*self._bound, *args)
+        inputs, (value_mask, other_mask), static = self._wrapped._prepare(args, kwargs)
+        if static != self._static:
+            raise ValueError(
+                "The compiled nnx.jit function was called with arguments whose structure "
+                "(objects' graph, static arguments or pytree layout) differs from the "
+                "arguments it was lowered with; lower and compile again for these arguments."
+            )
+        dv, kv = _split_by_mask(value_mask, inputs.values)
+        do, ko = _split_by_mask(other_mask, inputs.other)
+        info, values, out_other = self._compiled(dv, kv, do, ko)
+        return apply_outputs(inputs, info.value, values, out_other)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._compiled, name)
 
 
 def jit(
@@ -305,6 +392,27 @@ def jit(
 
 
 # -- helpers ---------------------------------------------------------------------------------
+def _infer_static(
+    signature: inspect.Signature | None, argnums: tuple, argnames: tuple
+) -> tuple[tuple, tuple]:
+    """Completes ``static_argnums`` / ``static_argnames`` from each other by the signature."""
+    if signature is None or not (argnums or argnames):
+        return argnums, argnames
+    params = list(signature.parameters.values())
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
+        return argnums, argnames
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    n = sum(p.kind in positional for p in params)
+    nums, names = list(argnums), list(argnames)
+    for i, p in enumerate(params[:n]):
+        if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD:
+            if p.name in argnames and i not in nums:
+                nums.append(i)
+            if (i in argnums or i - n in argnums) and p.name not in names:
+                names.append(p.name)
+    return tuple(nums), tuple(names)
+
+
 def _extract_static(
     args: tuple, kwargs: dict, argnums: tuple, argnames: tuple
 ) -> tuple[tuple, dict, tuple]:
@@ -372,6 +480,20 @@ def _is_leaf_or_none(x: Any) -> bool:
     return is_node(x)
 
 
+def extra_paths(static: Static) -> tuple:
+    """The input leaves' paths kept in a call's Static (only when in_shardings are set)."""
+    return static.value[3][6]
+
+
+def _reshard_inputs(info: Any, values: list, in_sh: tuple, in_paths: tuple) -> list:
+    """Lays the returned input leaves out by their in_shardings (every leaf with one is
+    returned, changed or not, so the caller's Variables take that layout)."""
+    if info.unchanged:
+        return [_constrain(x, in_sh[i]) for i, x in zip(info.changed, values)]
+    by_path = {(0, *p): sh for p, sh in zip(in_paths, in_sh)}
+    return [_constrain(x, by_path.get(p)) for x, p in zip(values, info.paths)]
+
+
 def _constrain(x: Any, sharding: Any) -> Any:
     from refax._transforms._prefix import shard_inside
 
@@ -397,8 +519,44 @@ def _per_variable(out_shardings: Any) -> bool:
     return not isinstance(out_shardings, (jax.sharding.Sharding, jax.sharding.PartitionSpec))
 
 
+def _shard_tree(out: Any, prefix: Any, what: str) -> Any:
+    """Lays ``out`` out by a prefix of it: a sharding covers everything below it; an object
+    takes a sharding, a StateSharding, ``nnx.prefix``'s result or a State of shardings, and
+    its Variables are laid out in place (so the object's new values are the laid-out ones)."""
+    from refax._transforms._prefix import shard_inside
+
+    if prefix is None:
+        return out
+    if is_node(out):
+        _shard_object(out, prefix)
+        return out
+    if isinstance(prefix, (jax.sharding.Sharding, jax.sharding.PartitionSpec)):
+        leaves, treedef = jax.tree_util.tree_flatten(out, is_leaf=is_node)
+        for x in leaves:
+            if is_node(x):
+                _shard_object(x, prefix)
+        leaves = [x if is_node(x) else shard_inside(x, prefix) for x in leaves]
+        return jax.tree_util.tree_unflatten(treedef, leaves)
+    if isinstance(prefix, (tuple, list)) and isinstance(out, (tuple, list)):
+        if len(prefix) != len(out):
+            raise ValueError(
+                f"nnx.jit {what} has {len(prefix)} entries but the function returned "
+                f"{len(out)} values."
+            )
+        items = [_shard_tree(x, p, what) for x, p in zip(out, prefix)]
+        return type(out)(*items) if hasattr(out, "_fields") else type(out)(items)
+    if isinstance(prefix, dict) and isinstance(out, dict) and set(prefix) <= set(out):
+        return {k: _shard_tree(v, prefix.get(k), what) for k, v in out.items()}
+    raise ValueError(
+        f"nnx.jit {what}: a {type(prefix).__name__} is not a prefix of the returned "
+        f"{type(out).__name__}. Give one sharding for everything, or a tuple/dict shaped like "
+        "the outputs whose entries for objects are shardings, StateShardings, nnx.prefix "
+        "results or States of shardings."
+    )
+
+
 def _shard_object(node: Any, out_shardings: Any) -> None:
-    """Lays out the Variables of a returned object by a StateSharding or a State of shardings."""
+    """Lays out the Variables of a returned object by a per-Variable prefix."""
     from refax._graph._flatten import flatten
     from refax._transforms._prefix import _leaf_value, shard_inside
     from refax._variables import Variable, _set_raw

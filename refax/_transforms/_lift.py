@@ -162,16 +162,125 @@ def split_inputs(args: tuple, kwargs: dict, *, graph: bool | None = None) -> Inp
         leaves[i] = None
     walk, all_vars = _walk_nodes(nodes)
     if not graph and walk.num_refs:
-        raise ValueError(
-            "Shared reference found in tree mode (graph=False): an object or Variable is "
-            "reachable through more than one path in the arguments. Pass graph=True (graph "
-            "mode keeps sharing) or remove the shared reference."
-        )
+        raise shared_reference_error(args, kwargs)
     if all_vars:
         values = [leaf._raw_value for leaf in walk.leaves]
     else:
         values = [_raw(leaf) for leaf in walk.leaves]
     return Inputs(treedef, leaves, node_pos, walk, values, nodes)
+
+
+def _show_path(path: tuple) -> str:
+    out = ""
+    for key in path:
+        out += f".{key}" if isinstance(key, str) and out else f"[{key!r}]" if out else str(key)
+    return "." + out
+
+
+def shared_reference_error(args: tuple, kwargs: dict) -> ValueError:
+    """The error for an object or Variable reached twice through the arguments in tree mode,
+    naming every path that reaches the first such value."""
+    from refax._graph._api import _children, find_duplicates
+
+    tree: dict[str, Any] = {"args": list(args)}
+    if kwargs:
+        tree["kwargs"] = dict(kwargs)
+    # every path to every Variable (a shared object's Variables are reached through each
+    # path to it), stopping at cycles
+    found: dict[int, tuple[Any, list[tuple]]] = {}
+    stack: list[tuple[Any, tuple, frozenset]] = [(tree, (), frozenset())]
+    while stack:
+        value, path, above = stack.pop()
+        if isinstance(value, Variable):
+            found.setdefault(id(value), (value, []))[1].append(path)
+        elif id(value) not in above and isinstance(value, (Pytree, dict, list, tuple)):
+            inner = above | {id(value)}
+            stack += [(c, (*path, k), inner) for k, c in reversed(_children(value))]
+    groups = [(v, ps) for v, ps in found.values() if len(ps) > 1]
+    if not groups:
+        groups = [(None, ps) for ps in find_duplicates(tree)]
+    where = ""
+    if groups:
+        value, paths = groups[0]
+        if value is None:
+            value = tree
+            for key in paths[0]:
+                value = value[key] if isinstance(value, (dict, list, tuple)) else vars(value)[key]
+        shown = "".join(f"\n  - {_show_path(p)}" for p in paths)
+        where = f"Duplicate {type(value).__name__} found at paths:\n{shown}\n\n"
+    return ValueError(
+        f"Shared reference found in tree mode (graph=False). {where}An object or Variable "
+        "reachable through more than one path in the arguments has no single place in a "
+        "pytree. Pass graph=True (graph mode keeps sharing), or remove the shared reference "
+        "(nnx.clone makes an independent copy)."
+    )
+
+
+def check_no_input_returned(transform: str, input_leaves: list | None, out: Any) -> None:
+    """Tree mode: an input Variable returned as an output would be two pytree leaves that are
+    one object afterwards, which a pytree cannot express.
+
+    Raises:
+      ValueError: naming the Variable's type and its path in the output.
+    """
+    if not input_leaves:
+        return
+    ids = {id(x) for x in input_leaves if isinstance(x, Variable)}
+    out_nodes = tuple(x for x in jax.tree_util.tree_leaves(out, is_leaf=is_node) if is_node(x))
+    if not out_nodes or not ids:
+        return
+    walk = flatten(out_nodes, with_paths=True)
+    for leaf, path in zip(walk.leaves, walk.paths):
+        if id(leaf) in ids:
+            where = ".".join(map(str, path[1:])) or "itself"
+            raise ValueError(
+                f"Duplicate {type(leaf).__name__}: an input Variable is returned as output "
+                f"{path[0]} ({where}). nnx.{transform} in tree mode (graph=False) does not "
+                "support Variable aliasing (an input Variable returned as an output, or one "
+                "Variable passed twice): return its value, return a copy (nnx.clone), or pass "
+                "graph=True and graph_updates=True."
+            )
+
+
+def check_not_captured(
+    transform: str, out_nodes: Sequence[Any], inputs: list, updates: bool
+) -> None:
+    """An object returned by a transformed function must be an input or made inside it; one
+    captured from outside (closure) was made at another trace level.
+
+    Raises:
+      ValueError: naming the captured object's type.
+    """
+    from refax._object import _STATE_ATTR
+    from refax._tracers import current_trace
+
+    known = {id(n) for n in inputs}
+    fresh = tuple(n for n in out_nodes if id(n) not in known)
+    if not fresh:
+        return
+    here = current_trace()
+    walk = flatten(fresh)
+    for node in [*walk.nodes, *walk.leaves]:
+        if id(node) in known:
+            continue
+        if isinstance(node, Variable):
+            trace = node._trace_state
+        elif isinstance(node, Pytree):
+            st = node.__dict__.get(_STATE_ATTR)
+            trace = here if st is None else st.trace_state
+        else:
+            continue
+        if trace != here:
+            kind = type(node).__name__
+            if updates:
+                what = f"Cannot extract graph node from different trace level: a {kind}"
+            else:
+                what = f"Cannot return captured Variable state: a {kind}"
+            raise ValueError(
+                f"{what} returned by the function given to nnx.{transform} was neither an "
+                "argument nor created inside the function (it was captured from an outer "
+                "scope). Pass it as an argument (with its axis in the prefix) to return it."
+            )
 
 
 class Info:

@@ -454,4 +454,4 @@ def jit_partial(
         graph=graph,
         graph_updates=graph_updates,
     )
-    return functools.partial(jitted, *partial_args)
+    return jitted.partial(*partial_args)

@@ -168,9 +168,9 @@ class PmapWrapped(MappedWrapped):
         # jax.pmap infers the axis size from a mapped argument: give it one when only
         # axis_size says how many devices to use (e.g. creating objects inside)
         dummy = None if mapped else jnp.zeros((self.axis_size,), jnp.int8)
-        graphdef, treedef, node_pos, (_, node_prefixes, _, updates) = static.value
+        graphdef, treedef, node_pos, (_, node_prefixes, _, updates), *mode = static.value
         extra = (value_axes, node_prefixes, (static_args, (value_mask, other_mask)), updates)
-        static = Static((graphdef, treedef, node_pos, extra))
+        static = Static((graphdef, treedef, node_pos, extra, *mode))
         dv, kv = _split_by_mask(value_mask, inputs.values)
         do, ko = _split_by_mask(other_mask, inputs.other)
         dva, kva = _split_by_mask(value_mask, value_axes)

@@ -78,6 +78,12 @@ class _FilterMap(LeafPrefix):
     """An ordered filter -> value mapping; the first matching filter wins."""
 
     def __init__(self, mapping: Mapping[Any, Any] | tuple[tuple[Any, Any], ...]):
+        from refax._statelib import State
+
+        self._state: Any = None
+        if isinstance(mapping, State):  # keyed by path like the object's state, not filters
+            self._state = mapping
+            mapping = {_StatePath(mapping): None}
         items = tuple(mapping.items()) if isinstance(mapping, Mapping) else tuple(mapping)
         self._items = items
         self._predicates = tuple(to_predicate(f) for f, _ in items)
@@ -92,6 +98,18 @@ class _FilterMap(LeafPrefix):
     def values(self) -> tuple[Any, ...]:
         return tuple(v for _, v in self._items)
 
+    def keys(self) -> tuple[Any, ...]:
+        return self.filters
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        """The value given for the filter ``key`` (``default`` when it has none)."""
+        return next((v for f, v in self._items if f == key), default)
+
+    def map_prefix(self, path: tuple, variable: Any) -> Any:
+        """The value for the Variable ``variable`` found at ``path`` (what a transform gives
+        that state leaf)."""
+        return self.lookup(path, variable)
+
     def __iter__(self) -> Iterator[Any]:
         return iter(self.filters)
 
@@ -104,9 +122,14 @@ class _FilterMap(LeafPrefix):
         Raises:
           ValueError: when no filter matches, naming the path.
         """
-        for pred, (_, value) in zip(self._predicates, self._items):
-            if pred(path, leaf):
+        if self._state is not None:
+            value = _leaf_value(self._state, path, leaf, _MISSING)
+            if value is not _MISSING:
                 return value
+        else:
+            for pred, (_, value) in zip(self._predicates, self._items):
+                if pred(path, leaf):
+                    return value
         raise ValueError(
             f"{type(self).__name__}: no filter matches the {type(leaf).__name__} at "
             f"'{'.'.join(map(str, path))}'. Add a catch-all entry `...: value`."
@@ -123,6 +146,30 @@ class _FilterMap(LeafPrefix):
         return f"{type(self).__name__}({{{inner}}})"
 
 
+_MISSING: Any = object()
+
+
+class _StatePath:
+    """The one 'filter' of a prefix made from a State: the paths the State has."""
+
+    __slots__ = ("state",)
+
+    def __init__(self, state: Any):
+        self.state = state
+
+    def __call__(self, path: tuple, leaf: Any) -> bool:
+        return _leaf_value(self.state, path, leaf, _MISSING) is not _MISSING
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _StatePath) and other.state is self.state
+
+    def __hash__(self) -> int:
+        return id(self.state)
+
+    def __repr__(self) -> str:
+        return f"State{sorted(map(str, getattr(self.state, '_mapping', {})))}"
+
+
 def _name(f: Any) -> str:
     return f.__name__ if isinstance(f, type) else repr(f)
 
@@ -130,9 +177,19 @@ def _name(f: Any) -> str:
 class StateSharding(_FilterMap):
     """Per-Variable shardings for one object argument of ``jit`` / ``shard_map``."""
 
+    @property
+    def shardings(self) -> tuple[Any, ...]:
+        """The shardings, in the order of :attr:`filters`."""
+        return self.values()
+
 
 class StateAxes(_FilterMap):
     """Per-Variable axes (int, ``None`` to broadcast, or ``Carry``) for vmap/pmap/scan."""
+
+    @property
+    def axes(self) -> tuple[Any, ...]:
+        """The axes, in the order of :attr:`filters`."""
+        return self.values()
 
 
 class _CarryType:
@@ -169,6 +226,10 @@ class DiffState:
     def __init__(self, argnum: int, filter: Any):
         self.argnum = argnum
         self.filter = filter
+
+    def map_prefix(self, path: tuple, variable: Any) -> bool:
+        """Whether the Variable ``variable`` at ``path`` is differentiated."""
+        return bool(to_predicate(self.filter)(path, variable))
 
     def __eq__(self, other: object) -> bool:
         return (
@@ -258,28 +319,66 @@ def resolve_leaf_prefixes(inputs: Any, args: tuple, kwargs: dict, prefixes: Any)
     dict of values keyed like the object's state.
     """
     owners = arg_owners(inputs, args, kwargs)
-    walk = inputs.walk
-    out = []
-    for leaf, path in zip(walk.leaves, walk.paths):
-        owner = owners[inputs.node_pos[path[0]]]
+
+    def node_prefix(i: int) -> Any:
+        owner = owners[inputs.node_pos[i]]
         if isinstance(prefixes, (tuple, list)):
-            prefix = prefixes[owner] if isinstance(owner, int) and owner < len(prefixes) else None
-        else:
-            prefix = prefixes
-        out.append(_leaf_value(prefix, path[1:], leaf))
-    return tuple(out)
+            return prefixes[owner] if isinstance(owner, int) and owner < len(prefixes) else None
+        return prefixes
+
+    walk = inputs.walk
+    nodes = inputs.nodes
+    if walk.num_refs or len({id(n) for n in nodes}) < len(nodes):
+        _check_consistent(nodes, [node_prefix(i) for i in range(len(nodes))])
+    return tuple(
+        _leaf_value(node_prefix(path[0]), path[1:], leaf)
+        for leaf, path in zip(walk.leaves, walk.paths)
+    )
 
 
-def _leaf_value(prefix: Any, path: tuple, leaf: Any) -> Any:
+class _Resolved(LeafPrefix):
+    """A prefix read leaf by leaf through :func:`_leaf_value` (for the aliasing check)."""
+
+    __slots__ = ("prefix",)
+
+    def __init__(self, prefix: Any):
+        self.prefix = prefix
+
+    def lookup(self, path: tuple, leaf: Any) -> Any:
+        return _leaf_value(self.prefix, path, leaf)
+
+
+def _check_consistent(nodes: tuple, prefixes: list) -> None:
+    """A Variable reached through several arguments must get one value from every prefix.
+
+    Raises:
+      ValueError: ``Inconsistent aliasing detected.``, listing each occurrence.
+    """
+    from refax._transforms._axes import AliasChecker
+
+    checker = AliasChecker()
+    for node, prefix in zip(nodes, prefixes):
+        checker.add(node, _Resolved(prefix))
+
+
+def _leaf_value(prefix: Any, path: tuple, leaf: Any, missing: Any = None) -> Any:
+    """The value ``prefix`` gives the state leaf at ``path`` (``missing`` when a State or
+    dict prefix has no entry there)."""
+    from refax._object import Pytree
+
     if isinstance(prefix, LeafPrefix):
         return prefix.lookup(path, leaf)
+    if isinstance(prefix, Pytree):  # shaped like the object (nnx.prefix(..., graph=False))
+        return ObjectPrefix(prefix).lookup(path, leaf)
     mapping = getattr(prefix, "_mapping", prefix)
     if isinstance(mapping, dict):
         node: Any = mapping
         for key in path:
             node = getattr(node, "_mapping", node)
-            if not isinstance(node, dict) or key not in node:
-                return None
+            if not isinstance(node, dict):
+                break  # a value above the leaf covers it
+            if key not in node:
+                return missing
             node = node[key]
         return node.get_value() if isinstance(node, Variable) else node
     return prefix

@@ -58,7 +58,12 @@ class ShardMapWrapped(MappedWrapped):
     _transform = "shard_map"
     _in_what, _out_what = "in_specs", "out_specs"
     _is_leaf = staticmethod(is_spec_leaf)
-    _every_input = False  # only changed state comes back
+    _every_input = False  # only changed state comes back (without graph updates)
+
+    def _every_input_for(self, updates: bool) -> bool:
+        # with graph updates every input comes back, sharded by its in_spec (the caller's
+        # Variables then hold global arrays laid out by in_specs)
+        return updates
 
     def __init__(
         self,
@@ -69,8 +74,11 @@ class ShardMapWrapped(MappedWrapped):
         out_specs: Any,
         axis_names: Any = frozenset(),
         check_vma: bool = True,
+        graph: bool | None = None,
+        graph_updates: bool | None = None,
     ):
         check_not_bound_method(fun, "shard_map")
+        self.graph, self.graph_updates = graph, graph_updates
         functools.update_wrapper(self, fun)
         self.fun = fun
         self.mesh = mesh
@@ -129,7 +137,10 @@ def shard_map(
         their per-shard blocks).
       axis_names: the mesh axes the function is manual over (default: all).
       check_vma: as for ``jax.shard_map`` (check that replicated outputs do not vary).
-      graph, graph_updates: accepted for API compatibility (graph mode, updates propagate).
+      graph, graph_updates: tree mode (False rejects shared references) and whether the
+        objects' updates propagate out (with graph updates every input Variable comes back
+        laid out by its in_spec, so the caller's Variables hold the sharded arrays); None
+        reads ``set_graph_mode`` / ``set_graph_updates``.
     """
     kwargs = dict(
         mesh=mesh,
@@ -137,6 +148,8 @@ def shard_map(
         out_specs=out_specs,
         axis_names=axis_names,
         check_vma=check_vma,
+        graph=graph,
+        graph_updates=graph_updates,
     )
     if f is None:
         return lambda fn: ShardMapWrapped(fn, **kwargs)

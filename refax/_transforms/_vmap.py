@@ -48,6 +48,8 @@ from refax._transforms._lift import (
     Inputs,
     Static,
     apply_outputs,
+    check_no_input_returned,
+    check_not_captured,
     check_output_types,
     collect_outputs,
     is_node,
@@ -158,9 +160,14 @@ class MappedWrapped:
                 inputs.treedef,
                 inputs.node_pos,
                 (value_axes, tuple(node_prefixes), extra, updates),
+                graph,
             )
         )
         return inputs, value_axes, other_axes, static
+
+    def _every_input_for(self, updates: bool) -> bool:
+        """Whether every input leaf comes back (``collect_outputs``' ``every_input``)."""
+        return self._every_input
 
     def _call_fun(self, args: tuple, kwargs: dict, extra: Any) -> Any:
         return self.fun(*args, **kwargs)
@@ -174,8 +181,9 @@ class MappedWrapped:
         Returns ``(info, new_values, out_other, value_out_axes, other_out_axes)``: the axis of
         every returned state value and of every other output leaf (None where a node stood).
         """
-        graphdef, _, _, extra = static.value
+        graphdef, extra = static.value[0], static.value[3]
         value_axes, node_prefixes, call_extra, updates = extra  # per call, not on the wrapper
+        graph_mode = static.value[4] if len(static.value) > 4 else True
         args, kwargs, nodes, built = rebuild_inputs(static.value, values, other)
         name = self.partition_name
         if name is not None:
@@ -184,7 +192,10 @@ class MappedWrapped:
                     _remove_axis(leaf_var, axis, name, self.axis_metadata)
         input_leaves = None if updates else _leaf_variables(nodes)
         out = self._call_fun(args, kwargs, call_extra)
-        check_output_types(self.fun, out, type(self).__name__.removesuffix("Wrapped").lower())
+        transform = type(self).__name__.removesuffix("Wrapped").lower()
+        check_output_types(self.fun, out, transform)
+        if not graph_mode:
+            check_no_input_returned(transform, input_leaves, out)
 
         out_leaves = jax.tree_util.tree_leaves(out, is_leaf=is_node)
         out_prefixes = broadcast_prefix(self.out_prefix, out, self._out_what, self._is_leaf)
@@ -193,6 +204,7 @@ class MappedWrapped:
         # an input object (or an object reachable from one) returned as an output must keep
         # its axes
         reachable = {id(n) for n in built}
+        check_not_captured(transform, out_nodes, built, updates)
         if any(id(n) in reachable for n in out_nodes):
             checker = AliasChecker()
             for node, prefix in zip(nodes, node_prefixes):
@@ -219,7 +231,7 @@ class MappedWrapped:
             nodes,
             built,
             out,
-            every_input=self._every_input,
+            every_input=self._every_input_for(updates),
             before_walk=before if name is not None else None,
             annotate=leaf_axes,
             graph_updates=updates,
