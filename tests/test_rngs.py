@@ -223,7 +223,8 @@ def test_fork_matches_oracle():
 
 
 def test_fork_split_matches_oracle():
-    with pytest.warns(DeprecationWarning, match="split"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)  # the documented spelling: no warning
         ours = R.Rngs(0).fork(split=5)
     same_streams(ours, nnx.Rngs(0).fork(split=5))
     assert ours.default.key.shape == (5,) and ours.default.count[...].shape == (5,)

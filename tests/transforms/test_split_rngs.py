@@ -46,7 +46,6 @@ def _split_rngs_trace(lib):
     return out
 
 
-@pytest.mark.filterwarnings("ignore:The 'split' argument of 'fork':DeprecationWarning")
 def test_split_and_fork_forms_match_oracle():
     ours = _split_rngs_trace(nnx)
     theirs = _split_rngs_trace(pytest.importorskip("flax.nnx"))
