@@ -235,7 +235,8 @@ def check_no_input_returned(transform: str, input_leaves: list | None, out: Any)
             where = ".".join(map(str, path[1:])) or "itself"
             raise ValueError(
                 f"Duplicate {type(leaf).__name__}: an input Variable is returned as output "
-                f"{path[0]} ({where}). nnx.{transform} in tree mode (graph=False) does not "
+                f"{path[0]} ({where}). nnx.{transform} without graph updates (graph=False or "
+                "graph_updates=False) does not "
                 "support Variable aliasing (an input Variable returned as an output, or one "
                 "Variable passed twice): return its value, return a copy (nnx.clone), or pass "
                 "graph=True and graph_updates=True."

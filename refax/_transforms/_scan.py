@@ -48,6 +48,7 @@ from refax._transforms._jit import check_not_bound_method
 from refax._transforms._lift import (
     Static,
     apply_outputs,
+    check_no_input_returned,
     collect_outputs,
     is_node,
     rebuild_inputs,
@@ -177,7 +178,7 @@ class ScanWrapped:
                 f"nnx.scan: keyword arguments {sorted(kwargs)} have no entry in in_axes; pass "
                 "them positionally (scan needs an axis or nnx.Carry for every argument)."
             )
-        graph, _ = resolve_modes(self.graph, self.graph_updates)
+        graph, updates = resolve_modes(self.graph, self.graph_updates)
         inputs = split_inputs(args, {}, graph=graph)
         prefixes = args_prefixes(self.in_axes, args, {})
         node_prefixes = [prefixes[p] for p in inputs.node_pos]
@@ -196,7 +197,12 @@ class ScanWrapped:
         o_const = [i for i, a in enumerate(other_axes) if a is None]
         values, other = inputs.values, inputs.other
         static = Static(
-            (inputs.graphdef, inputs.treedef, inputs.node_pos, (value_axes, tuple(node_prefixes)))
+            (
+                inputs.graphdef,
+                inputs.treedef,
+                inputs.node_pos,
+                (value_axes, tuple(node_prefixes), updates),
+            )
         )
         # Arrays among the broadcast arguments travel in the carry, so the body depends on
         # hashable data only and is kept per structure: JAX then reuses its trace (one trace
@@ -310,7 +316,7 @@ class ScanWrapped:
 
     def _step(self, static: Static, values: list, other: list):
         graphdef, _, _, extra = static.value
-        value_axes, node_prefixes = extra
+        value_axes, node_prefixes, updates = extra
         args, kwargs, nodes, built = rebuild_inputs(static.value, values, other)
         name = self.partition_name
         if name is not None:
@@ -318,6 +324,8 @@ class ScanWrapped:
                 if isinstance(var, Variable) and isinstance(axis, int) and not _is_carry(axis):
                     _remove_axis(var, axis, name)
         out = self.fun(*args, **kwargs)
+        if not updates:  # objects are pytrees: an output may not alias an input Variable
+            check_no_input_returned("scan", _leaf_variables(nodes), out)
         before = None
         if name is not None:
 

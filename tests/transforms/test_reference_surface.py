@@ -190,3 +190,16 @@ def test_grads_without_graph_updates_are_shaped_like_the_argument():
         assert type(g) is nnx.Linear
         np.testing.assert_allclose(g.kernel[...], np.ones((2, 3)))
         np.testing.assert_allclose(g.bias[...], 2 * np.ones(3))
+
+
+def test_scan_without_graph_updates_refuses_to_return_an_input_variable():
+    v = nnx.Param(jnp.arange(5))
+
+    @nnx.scan(in_axes=0, out_axes=0, graph=True, graph_updates=False)
+    def f(carry):
+        return carry
+
+    with pytest.raises(ValueError, match="does not support Variable aliasing"):
+        f(v)
+    out = nnx.scan(lambda c: c + 1, in_axes=0, out_axes=0, graph_updates=False)(jnp.arange(3))
+    np.testing.assert_array_equal(out, [1, 2, 3])
