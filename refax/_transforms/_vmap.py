@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -278,10 +279,11 @@ class VmapWrapped(MappedWrapped):
             k: v for k, v in (transform_metadata or {}).items() if k != "partition_name"
         }
 
-    def _pure(self, cells: tuple[list, list], static: Static, values: list, other: list):
+    def _pure(self, cells: tuple[list, list, list], static: Static, values: list, other: list):
         info, new_values, out_other, value_out, other_out = self._trace(static, values, other)
         cells[0][:] = value_out
         cells[1][:] = other_out
+        cells[2][:] = [info]
         return Static(info), new_values, out_other
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -291,15 +293,50 @@ class VmapWrapped(MappedWrapped):
             vmap_kwargs["spmd_axis_name"] = self.spmd_axis_name
         # out_axes for the state leaves are known only once the function is traced: the
         # pure function fills these lists, which jax.vmap reads after tracing.
-        cells: tuple[list, list] = ([], [])
+        cells: tuple[list, list, list] = ([], [], [])
         run = jax.vmap(
             functools.partial(self._pure, cells),
             in_axes=(None, list(value_axes), other_axes),
             out_axes=(None, cells[0], cells[1]),
             **vmap_kwargs,
         )
-        info, values, out_other = run(static, inputs.values, inputs.other)
+        try:
+            info, values, out_other = run(static, inputs.values, inputs.other)
+        except ValueError as error:
+            raise _name_the_state_leaf(error, cells[2], inputs) from None
         return apply_outputs(inputs, info.value, values, out_other)
+
+
+_BATCHED_STATE = re.compile(
+    r"at vmap out_axes\[1\]\[(\d+)\], (got axis spec None but output .*)", re.S
+)
+
+
+def _name_the_state_leaf(error: ValueError, info_cell: list, inputs: Any) -> ValueError:
+    """JAX's 'got axis spec None but output was batched' names a position in refax's flat list
+    of state leaves; this names the Variable (by path) a broadcast axis was given to."""
+    match = _BATCHED_STATE.search(str(error))
+    if match is None or not info_cell:
+        return error
+    info, k = info_cell[0], int(match.group(1))
+    if info.unchanged:
+        if k >= len(info.changed):
+            return error
+        i = info.changed[k]
+        leaf, path = inputs.walk.leaves[i], inputs.walk.paths[i]
+    else:
+        if k >= len(info.paths):
+            return error
+        leaf, path = None, info.paths[k][1:]
+    kind = type(leaf).__name__ if leaf is not None else "state"
+    where = "/".join(map(str, path[1:])) or str(path[0])
+    return ValueError(
+        f"at vmap state {kind} '{where}', {match.group(2).rstrip().rstrip('.')}. The {kind} is "
+        "broadcast "
+        "(axis None in in_axes / StateAxes) but the function gave it a value that differs "
+        "across the mapped axis; map it (an int axis) or keep its update independent of the "
+        "mapped inputs."
+    )
 
 
 def _leaf_variables(nodes: tuple) -> list[Any]:

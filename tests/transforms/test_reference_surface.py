@@ -203,3 +203,17 @@ def test_scan_without_graph_updates_refuses_to_return_an_input_variable():
         f(v)
     out = nnx.scan(lambda c: c + 1, in_axes=0, out_axes=0, graph_updates=False)(jnp.arange(3))
     np.testing.assert_array_equal(out, [1, 2, 3])
+
+
+def test_a_broadcast_variable_updated_per_example_is_named_by_path():
+    class Env(nnx.Module):
+        def __init__(self):
+            self.shared = nnx.BatchStat(jnp.array(0))
+            self.index = nnx.Variable(jnp.arange(4))
+
+    @nnx.vmap(in_axes=(nnx.StateAxes({nnx.BatchStat: None, ...: 0}),))
+    def f(env):
+        env.shared[...] += env.index[...]
+
+    with pytest.raises(ValueError, match="at vmap state BatchStat 'shared', got axis spec None"):
+        f(Env())
