@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _timing import Settings, format_table  # noqa: E402
 
-SUITES = ("graph_ops", "train_step", "scan_layers")
+SUITES = ("graph_ops", "train_step", "scan_layers", "transformer")
 
 
 def _cpu_model() -> str:
