@@ -337,7 +337,18 @@ def value_and_grad(
     graph: bool | None = None,
     graph_updates: bool | None = None,
 ) -> Any:
-    """Lifted ``jax.value_and_grad``: ``(value, grads)`` (``((value, aux), grads)``)."""
+    """Lifted ``jax.value_and_grad``: ``(value, grads)``, or ``((value, aux), grads)``.
+
+    Takes the same arguments as :func:`grad`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from refax import nnx
+      >>> model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+      >>> loss, grads = nnx.value_and_grad(lambda m: m(jnp.ones((1, 2))).sum())(model)
+      >>> grads["kernel"].value.tolist(), grads["bias"].value.tolist()
+      ([[1.0], [1.0]], [1.0])
+    """
     if f is None:
         return lambda fn: value_and_grad(
             fn,
@@ -370,7 +381,31 @@ def grad(
     graph: bool | None = None,
     graph_updates: bool | None = None,
 ) -> Any:
-    """Lifted ``jax.grad``: gradients as a ``State`` for object arguments."""
+    """Lifted ``jax.grad``: gradients with respect to objects' Variables.
+
+    Args:
+      f: the function; omit it to use ``nnx.grad(...)`` as a decorator.
+      argnums: which arguments to differentiate: an int, a :class:`DiffState` (argument plus
+        a filter of its Variables), or a sequence of them. An object argument differentiates
+        its ``Param`` s unless a ``DiffState`` says otherwise.
+      has_aux: ``f`` returns ``(value, aux)``; aux may hold objects.
+      holomorphic, allow_int: as for ``jax.grad``.
+      graph, graph_updates: with both on (the defaults) gradients come back as a ``State``
+        per object argument and every update made inside propagates; without graph updates
+        the transform is ``jax.grad`` on the argument's pytree (see the module docs).
+
+    Returns:
+      The gradient function: the gradients (a tuple of them for a sequence ``argnums``),
+      and ``aux`` too with ``has_aux``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from refax import nnx
+      >>> model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+      >>> grads = nnx.grad(lambda m, x: m(x).sum())(model, jnp.ones((3, 2)))
+      >>> grads["kernel"].value.tolist(), grads["bias"].value.tolist()
+      ([[3.0], [3.0]], [3.0])
+    """
     if f is None:
         return lambda fn: grad(
             fn,

@@ -368,9 +368,44 @@ def jit(
     """Lifted ``jax.jit``: objects in the arguments and outputs, state changes propagated.
 
     Usable as ``@nnx.jit``, ``@nnx.jit(static_argnums=...)`` or ``nnx.jit(f, ...)``; also on
-    methods in a class body. ``donate_argnums`` donates the buffers of the Variables of those
-    arguments. ``in_shardings``/``out_shardings`` accept shardings or ``StateSharding``
-    prefixes for objects.
+    methods in a class body. Every Variable update and structural change made inside (new or
+    deleted attributes, new sharing) reaches the caller's objects; an input object returned
+    keeps its identity. Calls are cached per argument structure: a repeated call on unchanged
+    objects costs about what ``jax.jit`` on the same arrays costs. Set
+    ``refax.config.explain_retraces`` to log why a call traced again.
+
+    Args:
+      fun: the function; omit it to use ``nnx.jit(...)`` as a decorator.
+      in_shardings: shardings of the arguments: a sharding, or a prefix of the arguments
+        whose entries for objects may be ``StateSharding`` s or States of shardings; the
+        caller's Variables are laid out by them.
+      out_shardings: the same for the outputs (objects created inside are placed by it).
+      static_argnums, static_argnames: arguments that are static (hashable) values; each
+        completes the other from the function's signature, as in ``jax.jit``.
+      donate_argnums, donate_argnames: arguments whose Variables' buffers are donated.
+      keep_unused, device, backend, inline: as for ``jax.jit``.
+      graph: graph mode (True: shared references allowed) or tree mode (False); None reads
+        ``nnx.set_graph_mode``.
+      graph_updates: whether structural changes made inside propagate out (without them only
+        Variable values do); None reads ``nnx.set_graph_updates``.
+
+    Returns:
+      The jitted function (with ``lower`` and ``eval_shape``).
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> from refax import nnx
+      >>> model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+      >>> optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+      >>> @nnx.jit
+      ... def train_step(model, optimizer, x, y):
+      ...   loss, grads = nnx.value_and_grad(lambda m: ((m(x) - y) ** 2).mean())(model)
+      ...   optimizer.update(model, grads)
+      ...   return loss
+      >>> x, y = jnp.ones((4, 2)), jnp.zeros((4, 1))
+      >>> first = train_step(model, optimizer, x, y)
+      >>> bool(train_step(model, optimizer, x, y) < first), int(optimizer.step[...])
+      (True, 2)
     """
     kwargs = dict(
         in_shardings=in_shardings,
