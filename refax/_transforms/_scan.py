@@ -324,8 +324,13 @@ class ScanWrapped:
                 if isinstance(var, Variable) and isinstance(axis, int) and not _is_carry(axis):
                     _remove_axis(var, axis, name)
         out = self.fun(*args, **kwargs)
-        if not updates:  # objects are pytrees: an output may not alias an input Variable
-            check_no_input_returned("scan", _leaf_variables(nodes), out)
+        if not updates:  # objects are pytrees: a scanned input Variable may not be an output
+            scanned = [
+                leaf
+                for leaf, a in zip(_leaf_variables(nodes), value_axes)
+                if isinstance(a, int) and not _is_carry(a)
+            ]
+            check_no_input_returned("scan", scanned, out)
         before = None
         if name is not None:
 

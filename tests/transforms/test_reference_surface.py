@@ -204,6 +204,16 @@ def test_scan_without_graph_updates_refuses_to_return_an_input_variable():
     out = nnx.scan(lambda c: c + 1, in_axes=0, out_axes=0, graph_updates=False)(jnp.arange(3))
     np.testing.assert_array_equal(out, [1, 2, 3])
 
+    count = nnx.Variable(jnp.array(0))  # a carried Variable may come back: it is the carry
+
+    @nnx.scan(graph_updates=False)
+    def g(count, x):
+        count[...] += 1
+        return count, x
+
+    out_count, _ = g(count, jnp.arange(5))
+    assert out_count is count and int(count[...]) == 5
+
 
 def test_a_broadcast_variable_updated_per_example_is_named_by_path():
     class Env(nnx.Module):
