@@ -31,7 +31,7 @@ from refax._graph._graphdef import (
     arity,
     entry_keys,
 )
-from refax._object import ObjectState
+from refax._object import ObjectState, new_object_state
 from refax._statelib import State
 from refax._tracers import current_trace
 from refax._variables import Variable
@@ -188,16 +188,6 @@ def _sub_dict(sub: Any) -> dict:
 _NO_STATE: dict = {}
 
 
-def _object_state(trace: Any, marks: Any) -> ObjectState:
-    st = _new(ObjectState)
-    st.trace_state = trace
-    st.tracked = False
-    st.layout = st.snap = None
-    if marks is not None:
-        st.static_names, st.data_names = marks
-    return st
-
-
 class _Run:
     """What one merge needs everywhere: the nodes by index, the trace, the copy flag."""
 
@@ -330,7 +320,7 @@ def run_plan(graphdef: GraphDef, state: Any, copy: bool) -> Any:
             if done[4] != len(done[1]):
                 raise _Mismatch
             if done[6] == "obj":  # refax's entry goes last
-                done[0][_STATE_ATTR] = _object_state(run.trace, done[7])
+                done[0][_STATE_ATTR] = new_object_state(run.trace, done[7])
             elif done[6] == "pytree":
                 entry = done[7]
                 if entry[0] == TUPLE:

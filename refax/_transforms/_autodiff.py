@@ -266,22 +266,13 @@ def _assemble(
         for leaf, m in zip(walk.leaves, value_mask)
     ]
     node_grads = nest_leaves(walk.graphdef, grads, _NO_GRAD)
-    plain = dict(zip([i for i, a in enumerate(other_arg) if a is not None], g_do))
     node_at = {p: k for k, p in enumerate(inputs.node_pos)}
-    results = []
-    for argnum, _ in specs:
-        leaves, treedef = jax.tree_util.tree_flatten(args[argnum], is_leaf=_is_node)
-        start = owners.index(argnum) if argnum in owners else 0
-        out = []
-        for j in range(len(leaves)):
-            pos = start + j
-            if pos in node_at:
-                g = node_grads.get(node_at[pos], {})
-                out.append(State._from_dict_unsafe(g) if isinstance(g, dict) else g)
-            else:
-                out.append(plain.get(pos))
-        results.append(jax.tree_util.tree_unflatten(treedef, out))
-    return results
+
+    def node_grad(pos: int, node: Any) -> Any:
+        g = node_grads.get(node_at[pos], {})
+        return State._from_dict_unsafe(g) if isinstance(g, dict) else g
+
+    return _per_argnum(args, owners, specs, other_arg, g_do, node_grad)
 
 
 def _assemble_like_args(
@@ -308,13 +299,26 @@ def _assemble_like_args(
             g = np.zeros(np.shape(value), dtype=jax.dtypes.float0)
         return x.replace(g) if isinstance(x, Variable) else g
 
+    return _per_argnum(args, owners, specs, other_arg, g_do, lambda pos, x: graph_map(swap, x))
+
+
+def _per_argnum(
+    args: tuple,
+    owners: list,
+    specs: tuple,
+    other_arg: list,
+    g_do: list,
+    node_grad: Callable[[int, Any], Any],
+) -> list[Any]:
+    """Per argnum: the argument's pytree with each object replaced by ``node_grad(position,
+    object)`` and each differentiated plain leaf by its gradient (None for the others)."""
     plain = dict(zip([i for i, a in enumerate(other_arg) if a is not None], g_do))
     results = []
     for argnum, _ in specs:
         leaves, treedef = jax.tree_util.tree_flatten(args[argnum], is_leaf=_is_node)
         start = owners.index(argnum) if argnum in owners else 0
         out = [
-            graph_map(swap, x) if _is_node(x) else plain.get(start + j)
+            node_grad(start + j, x) if _is_node(x) else plain.get(start + j)
             for j, x in enumerate(leaves)
         ]
         results.append(jax.tree_util.tree_unflatten(treedef, out))
