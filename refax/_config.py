@@ -95,6 +95,15 @@ def graph_updates_default() -> bool:
     return _GRAPH_UPDATES.stack[-1]
 
 
+def resolve_modes(graph: bool | None, graph_updates: bool | None) -> tuple[bool, bool]:
+    """The effective ``(graph, graph_updates)`` of one transform call: ``None`` reads the
+    ``set_graph_mode`` / ``set_graph_updates`` default; tree mode (``graph=False``) never
+    propagates graph updates."""
+    graph = _GRAPH_MODE.stack[-1] if graph is None else graph
+    graph_updates = _GRAPH_UPDATES.stack[-1] if graph_updates is None else graph_updates
+    return graph, graph and graph_updates
+
+
 class Config:
     """refax's process-wide options, as attributes (``refax.config``).
 

@@ -257,7 +257,7 @@ def get_named_sharding(tree: A, mesh: jax.sharding.Mesh) -> A:
 # -- abstract models ---------------------------------------------------------------------------
 def _eval_shape(fn: Callable[[], Any], graph: bool | None) -> Any:
     try:
-        from refax._transforms._misc import eval_shape
+        from refax._transforms._eval_shape import eval_shape
     except ImportError:  # pragma: no cover - fallback while nnx.eval_shape is not available
         return _eval_shape_fallback(fn)
     if graph is None:

@@ -37,20 +37,16 @@ from typing import Any
 import jax
 import numpy as np
 
+from refax._config import resolve_modes
+from refax._filters import to_predicate
 from refax._graph._api import map as graph_map
+from refax._graph._flatten import flatten, is_graph_node
 from refax._graph._unflatten import nest_leaves
 from refax._object import Pytree
 from refax._statelib import State
-from refax._transforms._jit import _input_leaves, check_not_bound_method
-from refax._transforms._lift import (
-    Static,
-    apply_outputs,
-    collect_outputs,
-    rebuild_inputs,
-    resolve_modes,
-    split_inputs,
-    static_of,
-)
+from refax._transforms._checks import check_not_bound_method, split_aux
+from refax._transforms._lift import Static, Step, apply_outputs, split_inputs
+from refax._transforms._masks import fill, interleave
 from refax._transforms._prefix import DiffState, arg_owners, check_prefix
 from refax._variables import Param, Variable
 
@@ -92,8 +88,6 @@ def _differentiate(
 
     @functools.wraps(fun)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from refax._filters import to_predicate
-
         n = len(args)
         specs_n = tuple(((a % n if a < 0 else a), f) for a, f in specs)
         for a, _ in specs_n:
@@ -101,7 +95,7 @@ def _differentiate(
                 raise ValueError(
                     f"argnums refers to argument {a} but the function got {n} arguments."
                 )
-        graph_mode, updates = resolve_modes(graph, graph_updates)
+        updates = resolve_modes(graph, graph_updates)[1]
         if not updates and any(isinstance(a, DiffState) for a in _items(argnums)):
             raise ValueError(
                 "argnums cannot contain DiffState objects with graph=False or "
@@ -110,7 +104,7 @@ def _differentiate(
                 "like the argument. Remove the DiffState, or pass graph=True and "
                 "graph_updates=True (or use nnx.compat.grad)."
             )
-        inputs = split_inputs(args, kwargs, graph=graph_mode)
+        inputs = split_inputs(args, kwargs, graph=graph, graph_updates=graph_updates)
         owners = arg_owners(inputs, args, kwargs)
         if not updates and inputs.walk.num_refs:
             _check_consistent_aliasing(inputs, owners, {a for a, _ in specs_n})
@@ -142,33 +136,12 @@ def _differentiate(
         nv = [x for m, x in zip(value_mask, inputs.values) if not m]
         do = [x for m, x in zip(other_mask, inputs.other) if m]
         no = [None if m else x for m, x in zip(other_mask, inputs.other)]
-        static = static_of(inputs, (value_mask, other_mask))
+        call = inputs.call()
 
         def pure(dv, do, nv, no):
-            graphdef = static.value[0]
-            values = _interleave(value_mask, dv, nv)
-            other = _fill(other_mask, do, no)
-            a, kw, nodes, built = rebuild_inputs(static.value, values, other)
-            input_leaves = None if updates else _input_leaves(nodes)
-            out = fun(*a, **kw)
-            if has_aux:
-                if not (isinstance(out, tuple) and len(out) == 2):
-                    raise ValueError(
-                        "has_aux=True requires the function to return a pair (value, aux), "
-                        f"got {type(out).__name__}."
-                    )
-                value, aux = out
-            else:
-                value, aux = out, None
-            info, new_values, out_other = collect_outputs(
-                graphdef,
-                values,
-                nodes,
-                built,
-                aux,
-                graph_updates=updates,
-                input_leaves=input_leaves,
-            )
+            step = Step(call, interleave(value_mask, dv, nv), fill(other_mask, do, no))
+            value, aux = split_aux(step.run(fun), has_aux, "grad")
+            info, new_values, out_other = step.collect(aux)
             return value, (Static(info), new_values, out_other)
 
         (value, (info, new_values, aux_other)), (g_dv, g_do) = _value_and_grad(
@@ -188,8 +161,6 @@ def _differentiate(
 def _check_consistent_aliasing(inputs: Any, owners: list, diff: set) -> None:
     """Without graph updates, a Variable reachable from a differentiated argument and from
     another argument would be both differentiated and not: refused."""
-    from refax._graph._flatten import flatten
-
     seen: dict[int, tuple[bool, Any, int]] = {}
     for node, pos in zip(inputs.nodes, inputs.node_pos):
         arg = owners[pos]
@@ -228,16 +199,6 @@ def _value_and_grad(pure: Callable, holomorphic: bool, allow_int: bool) -> Calla
     return jax.value_and_grad(
         pure, argnums=(0, 1), has_aux=True, holomorphic=holomorphic, allow_int=allow_int
     )
-
-
-def _interleave(mask: tuple, a: list, b: list) -> list:
-    ia, ib = iter(a), iter(b)
-    return [next(ia) if m else next(ib) for m in mask]
-
-
-def _fill(mask: tuple, a: list, base: list) -> list:
-    ia = iter(a)
-    return [next(ia) if m else x for m, x in zip(mask, base)]
 
 
 _NO_GRAD = object()  # a leaf that is not differentiated
@@ -315,20 +276,14 @@ def _per_argnum(
     plain = dict(zip([i for i, a in enumerate(other_arg) if a is not None], g_do))
     results = []
     for argnum, _ in specs:
-        leaves, treedef = jax.tree_util.tree_flatten(args[argnum], is_leaf=_is_node)
+        leaves, treedef = jax.tree_util.tree_flatten(args[argnum], is_leaf=is_graph_node)
         start = owners.index(argnum) if argnum in owners else 0
         out = [
-            node_grad(start + j, x) if _is_node(x) else plain.get(start + j)
+            node_grad(start + j, x) if is_graph_node(x) else plain.get(start + j)
             for j, x in enumerate(leaves)
         ]
         results.append(jax.tree_util.tree_unflatten(treedef, out))
     return results
-
-
-def _is_node(x: Any) -> bool:
-    from refax._transforms._lift import is_node
-
-    return is_node(x)
 
 
 def value_and_grad(

@@ -20,9 +20,10 @@ from typing import Any
 import jax
 from jax.sharding import PartitionSpec
 
-from refax._graph._flatten import flatten
-from refax._transforms._lift import is_node
+from refax._graph._flatten import is_graph_node
+from refax._statelib import State
 from refax._transforms._prefix import (
+    AliasChecker,
     LeafPrefix,
     ObjectPrefix,
     StateAxes,
@@ -65,24 +66,23 @@ def broadcast_prefix(
         ``StateSharding`` is used on something other than an object.
     """
     if is_leaf(prefix):
-        leaves = jax.tree_util.tree_leaves(tree, is_leaf=is_node)
-        if isinstance(prefix, LeafPrefix) and not is_node(tree) and leaves:
+        leaves = jax.tree_util.tree_leaves(tree, is_leaf=is_graph_node)
+        if isinstance(prefix, LeafPrefix) and not is_graph_node(tree) and leaves:
             raise ValueError(
                 f"{what}: nnx.{type(prefix).__name__} can only be used directly on an object "
                 f"(Module, Variable, ...), not as the prefix of a {type(tree).__name__}. Give "
                 "each object in the container its own entry."
             )
         return [prefix] * len(leaves)
-    if is_node(tree):
+    if is_graph_node(tree):
         if type(prefix) is type(tree) and not isinstance(tree, Variable):
             # an object-shaped prefix (nnx.prefix(..., graph=False)): looked up per leaf
-            return [ObjectPrefix(prefix)] * len(jax.tree_util.tree_leaves(tree, is_leaf=is_node))
+            n = len(jax.tree_util.tree_leaves(tree, is_leaf=is_graph_node))
+            return [ObjectPrefix(prefix)] * n
         raise ValueError(
             f"{what}: an object can only take {_KINDS.get(is_leaf, 'a leaf')} as its prefix, "
             f"got {type(prefix).__name__}."
         )
-    from refax._statelib import State
-
     if isinstance(prefix, State) and isinstance(tree, State):
         return _state_prefix(prefix, tree, what, is_leaf)
     if isinstance(prefix, (tuple, list)) and isinstance(tree, (tuple, list)):
@@ -108,10 +108,8 @@ def broadcast_prefix(
 def _state_prefix(prefix: Any, tree: Any, what: str, is_leaf: Callable[[Any], bool]) -> list:
     """One prefix value per leaf of the State ``tree`` from a State ``prefix`` keyed like it
     (a value met on the way down covers everything below it)."""
-    from refax._statelib import State
-
     out = []
-    for path, _ in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_node)[0]:
+    for path, _ in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_graph_node)[0]:
         p = prefix
         for k in path:
             if is_leaf(p) or not isinstance(p, (State, dict)):
@@ -175,53 +173,6 @@ def args_prefixes(
     for k in sorted(kwargs):
         out += broadcast_prefix(kwargs_prefix, kwargs[k], what, is_leaf)
     return out
-
-
-def leaf_axis(prefix: Any, path: tuple, leaf: Any) -> Any:
-    """The axis (or spec) of one state leaf of an object whose prefix is ``prefix``."""
-    if isinstance(prefix, LeafPrefix):
-        return prefix.lookup(path, leaf)
-    return prefix
-
-
-class AliasChecker:
-    """Records, per Variable, the axis each occurrence of its object gives it."""
-
-    def __init__(self) -> None:
-        self.entries: dict[int, tuple[Variable, list[tuple[str, Any]]]] = {}
-
-    def add(self, node: Any, prefix: Any) -> None:
-        """Adds one occurrence of ``node`` with ``prefix``; raises on an inconsistency."""
-        walk = flatten(node, with_paths=True) if not isinstance(node, Variable) else None
-        items = (
-            [(p, leaf) for p, leaf in zip(walk.paths, walk.leaves)]
-            if walk is not None
-            else [((), node)]
-        )
-        for path, leaf in items:
-            if not isinstance(leaf, Variable):
-                continue
-            axis = leaf_axis(prefix, path, leaf)
-            entry = self.entries.setdefault(id(leaf), (leaf, []))
-            entry[1].append((".".join(map(str, path)), axis))
-        self.check()
-
-    def check(self) -> None:
-        bad = [
-            (leaf, items)
-            for leaf, items in self.entries.values()
-            if len({_axis_key(a) for _, a in items}) > 1
-        ]
-        if bad:
-            lines = ["Inconsistent aliasing detected. The following nodes have different prefixes:"]
-            for leaf, items in bad:
-                lines.append(f"Node: {type(leaf).__name__}")
-                lines += [f"  {path}: {axis}" for path, axis in items]
-            raise ValueError("\n".join(lines))
-
-
-def _axis_key(a: Any) -> Any:
-    return ("carry",) if isinstance(a, _CarryType) else a
 
 
 def check_input_aliasing(inputs: Any, node_prefixes: list[Any]) -> AliasChecker | None:

@@ -46,24 +46,15 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import jax
 
-from refax._transforms._jit import _input_leaves, check_not_bound_method
-from refax._transforms._lift import (
-    Info,
-    Inputs,
-    Static,
-    apply_outputs,
-    collect_outputs,
-    is_node,
-    rebuild_inputs,
-    resolve_modes,
-    split_inputs,
-    static_of,
-)
+from refax._graph._flatten import is_graph_node
+from refax._transforms._checks import check_not_bound_method
+from refax._transforms._lift import Call, Info, Inputs, Static, Step, apply_outputs, split_inputs
 from refax.errors import TransformStructureError
 
 __all__ = ["cond", "switch", "while_loop", "fori_loop"]
@@ -86,7 +77,7 @@ def _full_values(info: Info, values: Sequence[Any], new_values: Sequence[Any]) -
 
 def _input_node_refs(inputs: Inputs, args: tuple, kwargs: dict) -> tuple[int, ...]:
     """The walk index of each argument node, in argument order."""
-    leaves = jax.tree_util.tree_leaves((args, kwargs), is_leaf=is_node)
+    leaves = jax.tree_util.tree_leaves((args, kwargs), is_leaf=is_graph_node)
     index = {id(n): i for i, n in enumerate(inputs.walk.nodes)}
     return tuple(index[id(leaves[p])] for p in inputs.node_pos)
 
@@ -107,33 +98,18 @@ def _describe_mismatch(a: Info, b: Info, ka: int, kb: int) -> str:
 
 
 def _branch_pure(
-    fun: Callable[..., Any],
-    k: int,
-    static: Static,
-    traces: list[tuple[int, Info]],
-    updates: bool = True,
+    fun: Callable[..., Any], k: int, call: Call, traces: list[tuple[int, Info]]
 ) -> Callable[..., Any]:
     """The pure function of branch ``k``: returns every operand leaf, so that all branches
     produce the same output structure whichever leaves they changed."""
 
     def pure(values: list[Any], other: list[Any]) -> tuple[Static, list[Any], list[Any]]:
-        graphdef = static.value[0]
-        args, kwargs, nodes, built = rebuild_inputs(static.value, values, other)
-        input_leaves = None if updates else _input_leaves(nodes)
-        out = fun(*args, **kwargs)
-        info, new_values, out_other = collect_outputs(
-            graphdef,
-            values,
-            nodes,
-            built,
-            out,
-            graph_updates=updates,
-            input_leaves=input_leaves,
-        )
+        step = Step(call, values, other)
+        info, new_values, out_other = step.collect(step.run(fun))
         traces.append((k, info))
         if info.unchanged:
             new_values = _full_values(info, values, new_values)
-            info = Info(True, (), info.out_treedef, info.out_pos, info.out_refs, None, ())
+            info = info.with_changed(())
         return Static(info), new_values, out_other
 
     return pure
@@ -175,11 +151,10 @@ def _select(
 ) -> Any:
     for b in branches:
         check_not_bound_method(b, transform)
-    graph, updates = resolve_modes(graph, graph_updates)
-    inputs = split_inputs(operands, {}, graph=graph)
-    static = static_of(inputs)
+    inputs = split_inputs(operands, {}, graph=graph, graph_updates=graph_updates)
+    call = inputs.call()
     traces: list[tuple[int, Info]] = []
-    pures = [_branch_pure(b, k, static, traces, updates) for k, b in enumerate(branches)]
+    pures = [_branch_pure(b, k, call, traces) for k, b in enumerate(branches)]
     try:
         info_s, values, out_other = run(pures, inputs.values, inputs.other)
     except TypeError:
@@ -190,7 +165,7 @@ def _select(
     if info.unchanged:
         # write back only the leaves some branch changed (the others come out as they went in)
         changed = tuple(sorted({i for _, t in traces for i in t.changed}))
-        info = Info(True, changed, info.out_treedef, info.out_pos, info.out_refs, None, ())
+        info = info.with_changed(changed)
         values = [values[i] for i in changed]
     return apply_outputs(inputs, info, values, out_other)
 
@@ -286,9 +261,19 @@ def switch(
 
 
 # -- while_loop / fori_loop ------------------------------------------------------------------
+def _structure(x: Any) -> Any:
+    return jax.tree_util.tree_structure(x, is_leaf=is_graph_node)
+
+
 def _carry_path(init_val: Any, leaf: int) -> str:
-    flat, _ = jax.tree_util.tree_flatten_with_path(init_val, is_leaf=is_node)
+    flat, _ = jax.tree_util.tree_flatten_with_path(init_val, is_leaf=is_graph_node)
     return "init_val" + jax.tree_util.keystr(flat[leaf][0]) if leaf < len(flat) else "init_val"
+
+
+def _loop_call(inputs: Inputs) -> Call:
+    """A loop's carry keeps its structure in every mode, so the loop functions' changes are
+    always collected in full (and a structural change is an error), whatever graph_updates."""
+    return dataclasses.replace(inputs.call(), graph_updates=True)
 
 
 def _loop_body(
@@ -299,20 +284,20 @@ def _loop_body(
     record: set[int],
     with_index: bool,
 ) -> Callable[..., Any]:
-    static = static_of(inputs)
-    graphdef = inputs.graphdef
+    call = _loop_call(inputs)
 
     def body(*a: Any) -> tuple[list[Any], list[Any]]:
         i, (values, other) = (a[0], a[1]) if with_index else (None, a[0])
-        args, kwargs, nodes, built = rebuild_inputs(static.value, values, other)
-        out = fun(i, args[0]) if with_index else fun(args[0])
+        step = Step(call, values, other)
+        carry, nodes = step.args[0], step.nodes
+        out = fun(i, carry) if with_index else fun(carry)
         wrapped = ((out,), {})
-        leaves, treedef = jax.tree_util.tree_flatten(wrapped, is_leaf=is_node)
+        leaves, treedef = jax.tree_util.tree_flatten(wrapped, is_leaf=is_graph_node)
         if treedef != inputs.treedef:
             raise TransformStructureError(
                 f"nnx.{transform}: body_fun must return the carry with the structure it "
-                f"received.\n  received: {jax.tree_util.tree_structure(init_val, is_leaf=is_node)}"
-                f"\n  returned: {jax.tree_util.tree_structure(out, is_leaf=is_node)}\n(objects "
+                f"received.\n  received: {_structure(init_val)}"
+                f"\n  returned: {_structure(out)}\n(objects "
                 "count as leaves). Return the same tuple/dict layout every iteration."
             )
         for p, n in zip(inputs.node_pos, nodes):
@@ -323,7 +308,7 @@ def _loop_body(
                     f"{type(n).__name__} it received there; objects in the carry must be "
                     "returned as they are (update them in place instead of creating new ones)."
                 )
-        info, new_values, out_other = collect_outputs(graphdef, values, nodes, built, wrapped)
+        info, new_values, out_other = step.collect(wrapped)
         if not info.unchanged:
             raise TransformStructureError(
                 f"nnx.{transform}: body_fun changed the graph structure of the objects in the "
@@ -341,7 +326,7 @@ def _finish_loop(
 ) -> Any:
     changed = tuple(sorted(record))
     refs = _input_node_refs(inputs, (init_val,), {})
-    info = Info(True, changed, inputs.treedef, inputs.node_pos, refs, None, ())
+    info = Info.same_structure(changed, inputs.treedef, inputs.node_pos, refs)
     (result,), _ = apply_outputs(inputs, info, [values[i] for i in changed], other)
     return result
 
@@ -363,7 +348,8 @@ def while_loop(
         same objects, updated in place as needed.
       init_val: the initial carry.
       graph: ``False`` (tree mode) refuses a carry that shares an object or Variable.
-      graph_updates: accepted for API compatibility (the carry's structure is fixed).
+      graph_updates: accepted for API compatibility: the carry's structure is fixed in
+        every mode (replacing a Variable or adding an attribute in the body is an error).
 
     Returns:
       The final carry; its objects are the ones in ``init_val``, holding the final state.
@@ -381,16 +367,14 @@ def while_loop(
     """
     check_not_bound_method(cond_fun, "while_loop")
     check_not_bound_method(body_fun, "while_loop")
-    inputs = split_inputs((init_val,), {}, graph=resolve_modes(graph, graph_updates)[0])
-    static = static_of(inputs)
-    graphdef = inputs.graphdef
+    inputs = split_inputs((init_val,), {}, graph=graph, graph_updates=graph_updates)
+    call = _loop_call(inputs)
     record: set[int] = set()
 
     def cond(carry: tuple[list[Any], list[Any]]) -> Any:
-        values, other = carry
-        args, kwargs, nodes, built = rebuild_inputs(static.value, values, other)
-        pred = cond_fun(args[0])
-        info, _, _ = collect_outputs(graphdef, values, nodes, built, None)
+        step = Step(call, *carry)
+        pred = cond_fun(step.args[0])
+        info, _, _ = step.collect(None)
         if not info.unchanged or info.changed:
             raise ValueError(
                 f"nnx.while_loop: cond_fun ({_fun_name(cond_fun)}) updated the state of an "
@@ -423,7 +407,8 @@ def fori_loop(
       init_val: the initial carry; may contain objects.
       unroll: passed to ``jax.lax.fori_loop`` (static bounds only).
       graph: ``False`` (tree mode) refuses a carry that shares an object or Variable.
-      graph_updates: accepted for API compatibility (the carry's structure is fixed).
+      graph_updates: accepted for API compatibility: the carry's structure is fixed in
+        every mode (replacing a Variable or adding an attribute in the body is an error).
 
     Returns:
       The final carry; its objects are the ones in ``init_val``.
@@ -441,7 +426,7 @@ def fori_loop(
       Array([6., 6.], dtype=float32)
     """
     check_not_bound_method(body_fun, "fori_loop")
-    inputs = split_inputs((init_val,), {}, graph=resolve_modes(graph, graph_updates)[0])
+    inputs = split_inputs((init_val,), {}, graph=graph, graph_updates=graph_updates)
     record: set[int] = set()
     body = _loop_body("fori_loop", body_fun, inputs, init_val, record, with_index=True)
     kwargs = {} if unroll is None else {"unroll": unroll}

@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import warnings
@@ -36,30 +37,40 @@ from typing import Any
 import jax
 
 from refax._config import config
-from refax._transforms._lift import (
-    Inputs,
-    Static,
-    apply_outputs,
+from refax._graph._flatten import flatten, is_graph_node
+from refax._transforms._checks import (
     check_no_input_returned,
+    check_not_bound_method,
     check_output_types,
-    collect_outputs,
-    is_node,
-    rebuild_inputs,
-    resolve_modes,
-    split_inputs,
 )
-from refax._transforms._prefix import StateSharding, check_prefix, resolve_leaf_prefixes
+from refax._transforms._eval_shape import eval_shape
+from refax._transforms._lift import Inputs, Static, Step, apply_outputs, split_inputs
+from refax._transforms._masks import donation_masks, interleave, split_by_mask
+from refax._transforms._prefix import (
+    StateSharding,
+    check_prefix,
+    constrain_outputs,
+    leaf_value,
+    resolve_leaf_prefixes,
+    shard_inside,
+)
 from refax._transforms._retrace import describe_arguments, log_retrace
+from refax._transforms._static_args import as_tuple, extract_static, infer_static, insert_static
+from refax._variables import Variable, _set_raw
 
-__all__ = ["jit", "JitWrapped", "StateSharding"]
+__all__ = ["jit", "JitWrapped", "StateSharding", "jit_partial", "cached_partial"]
 
 
-def _as_tuple(x: int | str | Sequence[Any] | None) -> tuple:
-    if x is None:
-        return ()
-    if isinstance(x, (int, str)):
-        return (x,)
-    return tuple(x)
+@dataclasses.dataclass(frozen=True, slots=True)
+class JitSettings:
+    """jit's part of a call's static data (kept per argument structure by the wrapper)."""
+
+    static_args: tuple  # see _static_args.extract_static
+    value_mask: tuple[bool, ...]  # donated state leaves
+    other_mask: tuple[bool, ...]  # donated other leaves
+    in_shardings: tuple | None  # one per state leaf, when in_shardings is given
+    out_shardings: _HashableTree | None
+    in_paths: tuple  # the state leaves' paths, when in_shardings is given
 
 
 def _rewarn_donation(caught: list, inputs: Inputs, value_mask: tuple) -> None:
@@ -85,26 +96,6 @@ def _rewarn_donation(caught: list, inputs: Inputs, value_mask: tuple) -> None:
             "dtype for each donated Variable (e.g. an updated value), or stop donating it.",
             UserWarning,
             stacklevel=3,
-        )
-
-
-def _input_leaves(nodes: tuple) -> list[Any]:
-    from refax._graph._flatten import flatten
-
-    return flatten(nodes).leaves
-
-
-def check_not_bound_method(fun: Callable[..., Any], transform: str) -> None:
-    """Transforms take functions; a method bound to a Module would be captured by closure."""
-    owner = getattr(fun, "__self__", None)
-    if owner is not None and is_node(owner):
-        raise ValueError(
-            f"nnx.{transform} does not take bound methods: it got a method bound to a "
-            f"{type(owner).__name__} instance. The "
-            "instance would be captured by closure and could not be updated. Decorate the "
-            f"method in the class body (@nnx.{transform}) or pass the module as an argument: "
-            f"nnx.{transform}(lambda m, *a: m.{getattr(fun, '__name__', 'method')}(*a))(module, "
-            "...)."
         )
 
 
@@ -135,8 +126,8 @@ class JitWrapped:
         self.fun = fun
         self.in_shardings = in_shardings
         self.out_shardings = out_shardings
-        self.donate_argnums = _as_tuple(donate_argnums)
-        self.donate_argnames = _as_tuple(donate_argnames)
+        self.donate_argnums = as_tuple(donate_argnums)
+        self.donate_argnames = as_tuple(donate_argnames)
         self.graph = graph
         self.graph_updates = graph_updates
         try:
@@ -145,8 +136,8 @@ class JitWrapped:
             self._signature = None
         # like jax.jit: a static parameter may be named by position or by name, and is static
         # whichever way the caller passes it
-        self.static_argnums, self.static_argnames = _infer_static(
-            self._signature, _as_tuple(static_argnums), _as_tuple(static_argnames)
+        self.static_argnums, self.static_argnames = infer_static(
+            self._signature, as_tuple(static_argnums), as_tuple(static_argnames)
         )
         self._out_sh = _HashableTree(out_shardings) if out_shardings is not None else None
         self._statics: dict[tuple, tuple] = {}  # per argument structure: masks and Static
@@ -173,63 +164,53 @@ class JitWrapped:
         donated_other: list[Any],
         kept_other: list[Any],
     ):
-        graphdef, treedef, node_pos, extra = static.value
-        static_args, value_mask, other_mask, in_sh, out_sh, modes, _ = extra
-        values = _interleave(value_mask, donated_values, kept_values)
-        other = _interleave(other_mask, donated_other, kept_other)
+        call = static.value
+        settings: JitSettings = call.settings
+        in_sh, out_sh = settings.in_shardings, settings.out_shardings
+        values = interleave(settings.value_mask, donated_values, kept_values)
+        other = interleave(settings.other_mask, donated_other, kept_other)
         if in_sh is not None:
-            values = [_constrain(x, s) for x, s in zip(values, in_sh)]
-        args, kwargs, nodes, built = rebuild_inputs(static.value, values, other)
-        args, kwargs = _insert_static(args, kwargs, static_args)
+            values = [shard_inside(x, s) for x, s in zip(values, in_sh)]
+        step = Step(call, values, other)
+        args, kwargs = insert_static(step.args, step.kwargs, settings.static_args)
         if config.explain_retraces:  # only while JAX traces: no cost on cached calls
             current = describe_arguments(self.fun, args, kwargs)
             log_retrace(self.fun, self._last_trace, current)
             self._last_trace = current
-        graph_updates = modes[1]  # per call (in the Static): the wrapper keeps no call state
-        input_leaves = None if graph_updates else _input_leaves(nodes)
         out = self.fun(*args, **kwargs)
         check_output_types(self.fun, out, "jit")
-        if not modes[0]:
-            check_no_input_returned("jit", input_leaves, out)
+        if not call.graph:
+            check_no_input_returned("jit", step.input_leaves, out)
         if out_sh is not None and _per_variable(out_sh.tree):
             out = _shard_tree(out, out_sh.tree, "out_shardings")  # per-Variable out_shardings
             out_sh = None
         # donated inputs must all come back, or the Variables would keep deleted buffers;
         # inputs with an in_sharding come back laid out by it (as jax.jit's outputs would)
-        mask = value_mask
+        mask = settings.value_mask
         if in_sh is not None:
-            mask = tuple(m or s is not None for m, s in zip(value_mask, in_sh))
-        info, new_values, out_other = collect_outputs(
-            graphdef,
-            values,
-            nodes,
-            built,
-            out,
-            graph_updates=graph_updates,
-            input_leaves=input_leaves,
-            every_input=mask if any(mask) else False,
-        )
+            mask = tuple(m or s is not None for m, s in zip(mask, in_sh))
+        info, new_values, out_other = step.collect(out, every_input=mask if any(mask) else False)
         if in_sh is not None:
-            new_values = _reshard_inputs(info, new_values, in_sh, extra_paths(static))
+            new_values = _reshard_inputs(info, new_values, in_sh, settings.in_paths)
         if out_sh is not None:
-            new_values, out_other = _constrain_outputs(out_sh, info, new_values, out_other)
+            new_values, out_other = constrain_outputs(out_sh.tree, info, new_values, out_other)
         return Static(info), new_values, out_other
 
     # -- calling --------------------------------------------------------------------------
-    def _prepare(self, args: tuple, kwargs: dict) -> tuple[Inputs, tuple, Static]:
-        args, kwargs, static_args = _extract_static(
-            args, kwargs, self.static_argnums, self.static_argnames
+    def _prepare(self, args: tuple, kwargs: dict) -> tuple[Inputs, JitSettings, Static]:
+        args, kwargs, static_args = extract_static(
+            args, kwargs, self.static_argnums, self.static_argnames, "jit"
         )
-        modes = resolve_modes(self.graph, self.graph_updates)
-        inputs = split_inputs(args, kwargs, graph=modes[0])
+        inputs = split_inputs(args, kwargs, graph=self.graph, graph_updates=self.graph_updates)
         graphdef = inputs.graphdef
+        modes = (inputs.graph, inputs.updates)
         key = (id(graphdef), inputs.treedef, inputs.node_pos, static_args, modes)
         hit = self._statics.get(key)
         if hit is not None and hit[0] is graphdef:
             return inputs, hit[1], hit[2]
         n = len(inputs.values)
         if self.donate_argnums or self.donate_argnames:
-            value_mask, other_mask = _donation_masks(
+            value_mask, other_mask = donation_masks(
                 inputs, args, kwargs, self.donate_argnums, self.donate_argnames
             )
         else:
@@ -240,24 +221,24 @@ class JitWrapped:
             else None
         )
         in_paths = tuple(inputs.walk.paths) if in_sh is not None else ()
-        extra = (static_args, value_mask, other_mask, in_sh, self._out_sh, modes, in_paths)
-        static = Static((graphdef, inputs.treedef, inputs.node_pos, extra))
+        settings = JitSettings(static_args, value_mask, other_mask, in_sh, self._out_sh, in_paths)
+        static = inputs.static(settings)
         if len(self._statics) >= 64:
             self._statics.pop(next(iter(self._statics)))
         # holding the GraphDef keeps its id from being reused while the entry lives
-        self._statics[key] = (graphdef, (value_mask, other_mask), static)
-        return inputs, (value_mask, other_mask), static
+        self._statics[key] = (graphdef, settings, static)
+        return inputs, settings, static
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         n_cached = len(self._statics)
-        inputs, (value_mask, other_mask), static = self._prepare(args, kwargs)
-        dv, kv = _split_by_mask(value_mask, inputs.values)
-        do, ko = _split_by_mask(other_mask, inputs.other)
+        inputs, settings, static = self._prepare(args, kwargs)
+        dv, kv = split_by_mask(settings.value_mask, inputs.values)
+        do, ko = split_by_mask(settings.other_mask, inputs.other)
         if dv and len(self._statics) != n_cached:  # a new structure: this call compiles
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 info, values, out_other = self._jitted(static, dv, kv, do, ko)
-            _rewarn_donation(caught, inputs, value_mask)
+            _rewarn_donation(caught, inputs, settings.value_mask)
         else:
             info, values, out_other = self._jitted(static, dv, kv, do, ko)
         return apply_outputs(inputs, info.value, values, out_other)
@@ -266,9 +247,9 @@ class JitWrapped:
         """``jax.jit(...).lower`` on the pure function: a :class:`Lowered` whose ``compile()``
         is called with the same kind of arguments as this function (objects included, their
         updates propagated); other attributes (``as_text``, ``cost_analysis``...) are JAX's."""
-        inputs, (value_mask, other_mask), static = self._prepare(args, kwargs)
-        dv, kv = _split_by_mask(value_mask, inputs.values)
-        do, ko = _split_by_mask(other_mask, inputs.other)
+        inputs, settings, static = self._prepare(args, kwargs)
+        dv, kv = split_by_mask(settings.value_mask, inputs.values)
+        do, ko = split_by_mask(settings.other_mask, inputs.other)
         return Lowered(self, static, self._jitted.lower(static, dv, kv, do, ko))
 
     def partial(self, *args: Any) -> JitPartial:
@@ -276,8 +257,6 @@ class JitWrapped:
         return JitPartial(self, args)
 
     def eval_shape(self, *args: Any, **kwargs: Any) -> Any:
-        from refax._transforms._misc import eval_shape
-
         return eval_shape(self.fun, *args, **kwargs)
 
 
@@ -288,9 +267,8 @@ class JitPartial:
     """
 
     def __init__(self, wrapped: JitWrapped, args: tuple):
-        graph = resolve_modes(wrapped.graph, wrapped.graph_updates)[0]
-        if not graph:
-            split_inputs(args, {}, graph=False)  # raises on a shared reference
+        # in tree mode, splitting raises on a shared reference
+        split_inputs(args, {}, graph=wrapped.graph, graph_updates=wrapped.graph_updates)
         self.func, self.args = wrapped, args
         functools.update_wrapper(self, wrapped.fun)
 
@@ -331,15 +309,15 @@ class Compiled:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         args = (*self._bound, *args)
-        inputs, (value_mask, other_mask), static = self._wrapped._prepare(args, kwargs)
+        inputs, settings, static = self._wrapped._prepare(args, kwargs)
         if static != self._static:
             raise ValueError(
                 "The compiled nnx.jit function was called with arguments whose structure "
                 "(objects' graph, static arguments or pytree layout) differs from the "
                 "arguments it was lowered with; lower and compile again for these arguments."
             )
-        dv, kv = _split_by_mask(value_mask, inputs.values)
-        do, ko = _split_by_mask(other_mask, inputs.other)
+        dv, kv = split_by_mask(settings.value_mask, inputs.values)
+        do, ko = split_by_mask(settings.other_mask, inputs.other)
         info, values, out_other = self._compiled(dv, kv, do, ko)
         return apply_outputs(inputs, info.value, values, out_other)
 
@@ -427,112 +405,13 @@ def jit(
 
 
 # -- helpers ---------------------------------------------------------------------------------
-def _infer_static(
-    signature: inspect.Signature | None, argnums: tuple, argnames: tuple
-) -> tuple[tuple, tuple]:
-    """Completes ``static_argnums`` / ``static_argnames`` from each other by the signature."""
-    if signature is None or not (argnums or argnames):
-        return argnums, argnames
-    params = list(signature.parameters.values())
-    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
-        return argnums, argnames
-    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    n = sum(p.kind in positional for p in params)
-    nums, names = list(argnums), list(argnames)
-    for i, p in enumerate(params[:n]):
-        if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD:
-            if p.name in argnames and i not in nums:
-                nums.append(i)
-            if (i in argnums or i - n in argnums) and p.name not in names:
-                names.append(p.name)
-    return tuple(nums), tuple(names)
-
-
-def _extract_static(
-    args: tuple, kwargs: dict, argnums: tuple, argnames: tuple
-) -> tuple[tuple, dict, tuple]:
-    if not argnums and not argnames:
-        return args, kwargs, ()
-    n = len(args)
-    nums = tuple(sorted(i % n if i < 0 else i for i in argnums if -n <= i < n))
-    static_pos = tuple((i, args[i]) for i in nums)
-    static_kw = tuple((k, kwargs[k]) for k in argnames if k in kwargs)
-    for _, v in (*static_pos, *static_kw):
-        try:
-            hash(v)
-        except TypeError:
-            raise ValueError(
-                f"Static argument {v!r} of type {type(v).__name__} is not hashable; static "
-                "arguments of nnx.jit must be hashable (use a tuple instead of a list)."
-            ) from None
-    args = tuple(a for i, a in enumerate(args) if i not in nums)
-    kwargs = {k: v for k, v in kwargs.items() if k not in argnames}
-    return args, kwargs, (static_pos, static_kw)
-
-
-def _insert_static(args: tuple, kwargs: dict, static_args: tuple) -> tuple[tuple, dict]:
-    if not static_args:
-        return args, kwargs
-    static_pos, static_kw = static_args
-    args = list(args)
-    for i, v in static_pos:
-        args.insert(i, v)
-    return tuple(args), {**kwargs, **dict(static_kw)}
-
-
-def _split_by_mask(mask: tuple, xs: Sequence[Any]) -> tuple[list, list]:
-    if not any(mask):
-        return [], list(xs)
-    return [x for m, x in zip(mask, xs) if m], [x for m, x in zip(mask, xs) if not m]
-
-
-def _interleave(mask: tuple, a: list, b: list) -> list:
-    if not a:
-        return b
-    ia, ib = iter(a), iter(b)
-    return [next(ia) if m else next(ib) for m in mask]
-
-
-def _donation_masks(
-    inputs: Inputs, args: tuple, kwargs: dict, argnums: tuple, argnames: tuple
-) -> tuple[tuple, tuple]:
-    """Which state values and other leaves belong to donated arguments."""
-    donated_args = {i % len(args) if i < 0 else i for i in argnums if -len(args) <= i < len(args)}
-    owners: list[Any] = []  # the top-level argument (index or name) of every flat leaf
-    for i, a in enumerate(args):
-        owners += [i] * len(jax.tree_util.tree_leaves(a, is_leaf=_is_leaf_or_none))
-    for k in sorted(kwargs):
-        owners += [k] * len(jax.tree_util.tree_leaves(kwargs[k], is_leaf=_is_leaf_or_none))
-    leaf_owner = [owners[i] if i < len(owners) else None for i in range(len(inputs.other))]
-    donated = [o in donated_args or o in argnames for o in leaf_owner]
-    other_mask = tuple(d and inputs.other[i] is not None for i, d in enumerate(donated))
-    node_donated = [donated[p] for p in inputs.node_pos]
-    value_mask = tuple(node_donated[path[0]] for path in inputs.walk.paths)
-    return value_mask, other_mask
-
-
-def _is_leaf_or_none(x: Any) -> bool:
-    return is_node(x)
-
-
-def extra_paths(static: Static) -> tuple:
-    """The input leaves' paths kept in a call's Static (only when in_shardings are set)."""
-    return static.value[3][6]
-
-
 def _reshard_inputs(info: Any, values: list, in_sh: tuple, in_paths: tuple) -> list:
     """Lays the returned input leaves out by their in_shardings (every leaf with one is
     returned, changed or not, so the caller's Variables take that layout)."""
     if info.unchanged:
-        return [_constrain(x, in_sh[i]) for i, x in zip(info.changed, values)]
+        return [shard_inside(x, in_sh[i]) for i, x in zip(info.changed, values)]
     by_path = {(0, *p): sh for p, sh in zip(in_paths, in_sh)}
-    return [_constrain(x, by_path.get(p)) for x, p in zip(values, info.paths)]
-
-
-def _constrain(x: Any, sharding: Any) -> Any:
-    from refax._transforms._prefix import shard_inside
-
-    return shard_inside(x, sharding)
+    return [shard_inside(x, by_path.get(p)) for x, p in zip(values, info.paths)]
 
 
 class _HashableTree:
@@ -558,19 +437,17 @@ def _shard_tree(out: Any, prefix: Any, what: str) -> Any:
     """Lays ``out`` out by a prefix of it: a sharding covers everything below it; an object
     takes a sharding, a StateSharding, ``nnx.prefix``'s result or a State of shardings, and
     its Variables are laid out in place (so the object's new values are the laid-out ones)."""
-    from refax._transforms._prefix import shard_inside
-
     if prefix is None:
         return out
-    if is_node(out):
+    if is_graph_node(out):
         _shard_object(out, prefix)
         return out
     if isinstance(prefix, (jax.sharding.Sharding, jax.sharding.PartitionSpec)):
-        leaves, treedef = jax.tree_util.tree_flatten(out, is_leaf=is_node)
+        leaves, treedef = jax.tree_util.tree_flatten(out, is_leaf=is_graph_node)
         for x in leaves:
-            if is_node(x):
+            if is_graph_node(x):
                 _shard_object(x, prefix)
-        leaves = [x if is_node(x) else shard_inside(x, prefix) for x in leaves]
+        leaves = [x if is_graph_node(x) else shard_inside(x, prefix) for x in leaves]
         return jax.tree_util.tree_unflatten(treedef, leaves)
     if isinstance(prefix, (tuple, list)) and isinstance(out, (tuple, list)):
         if len(prefix) != len(out):
@@ -592,18 +469,83 @@ def _shard_tree(out: Any, prefix: Any, what: str) -> Any:
 
 def _shard_object(node: Any, out_shardings: Any) -> None:
     """Lays out the Variables of a returned object by a per-Variable prefix."""
-    from refax._graph._flatten import flatten
-    from refax._transforms._prefix import _leaf_value, shard_inside
-    from refax._variables import Variable, _set_raw
-
     walk = flatten(node, with_paths=True)
     for leaf, path in zip(walk.leaves, walk.paths):
         if isinstance(leaf, Variable):
-            sharding = _leaf_value(out_shardings, path, leaf)
+            sharding = leaf_value(out_shardings, path, leaf)
             _set_raw(leaf, shard_inside(leaf._raw_value, sharding))
 
 
-def _constrain_outputs(out_sh: _HashableTree, info: Any, values: list, out_other: list):
-    from refax._transforms._prefix import constrain_outputs
+# -- partial application ---------------------------------------------------------------------
+def cached_partial(
+    f: Callable[..., Any],
+    *cached_args: Any,
+    graph: bool | None = None,
+    graph_updates: bool | None = None,
+) -> Callable[..., Any]:
+    """``f`` with its first arguments fixed to ``cached_args`` (which may hold objects).
 
-    return constrain_outputs(out_sh.tree, info, values, out_other)
+    In the documented API this caches the graph traversal of ``cached_args`` to cut Python
+    overhead. refax's lifted transforms already cache that traversal per tuple of argument
+    identities (see ``_lift.py``) and reuse it while the objects' structure is unchanged, so
+    a plain ``functools.partial`` is as fast; unlike the documented API, the objects'
+    structure may change between calls.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from refax import nnx
+      >>> model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+      >>> forward = nnx.cached_partial(nnx.jit(lambda m, x: m(x)), model)
+      >>> forward(jnp.ones((1, 2))).shape
+      (1, 3)
+    """
+    return functools.partial(f, *cached_args)
+
+
+def jit_partial(
+    fun: Callable[..., Any],
+    *partial_args: Any,
+    in_shardings: Any = None,
+    out_shardings: Any = None,
+    static_argnums: int | Sequence[int] | None = None,
+    static_argnames: str | Sequence[str] | None = None,
+    donate_argnums: int | Sequence[int] | None = None,
+    donate_argnames: str | Sequence[str] | None = None,
+    keep_unused: bool = False,
+    device: Any = None,
+    backend: str | None = None,
+    inline: bool = False,
+    graph: bool | None = None,
+    graph_updates: bool | None = None,
+) -> Callable[..., Any]:
+    """``nnx.jit(fun, ...)`` with its first arguments fixed to ``partial_args``.
+
+    Argument indices (``in_shardings`` entries, ``static_argnums``, ``donate_argnums``) count
+    ``fun``'s positional parameters, the partial arguments first. Variable updates to the
+    partial arguments propagate after each call; values may change between calls without
+    retracing (refax's ``jit`` caches the graph walk per argument identity).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from refax import nnx
+      >>> model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+      >>> step = nnx.jit_partial(lambda m, x: m(x).sum(), model)
+      >>> step(jnp.ones((4, 2))).shape
+      ()
+    """
+    jitted = jit(
+        fun,
+        in_shardings=in_shardings,
+        out_shardings=out_shardings,
+        static_argnums=static_argnums,
+        static_argnames=static_argnames,
+        donate_argnums=donate_argnums,
+        donate_argnames=donate_argnames,
+        keep_unused=keep_unused,
+        device=device,
+        backend=backend,
+        inline=inline,
+        graph=graph,
+        graph_updates=graph_updates,
+    )
+    return jitted.partial(*partial_args)

@@ -1,47 +1,47 @@
 """The lifting core shared by every transform: objects in, pure pytrees through JAX, objects out.
 
-Every lifted transform follows one pattern:
+Every lifted transform runs the same three steps; only what happens around the user function
+(axes, masks, shardings, gradients) is the transform's own:
 
 1. **Outside** (:func:`split_inputs`): find the graph nodes (Objects, Variables) in the
-   arguments, walk them jointly once (so sharing between arguments survives) into a GraphDef
-   and a flat list of state leaves. The walk is cached per tuple of node identities and reused
-   while the structure epoch and container snapshots are unchanged, so a repeated call costs a
-   list comprehension over the Variables.
-2. **Inside** the JAX transform (:func:`make_pure`): rebuild fresh objects from the traced
-   leaves, call the user function, walk the inputs and outputs again, and return only the leaves
-   that changed, plus static information about what happened (an :class:`Info`, which travels
-   as pytree auxiliary data, so JAX caches it with the trace).
-3. **Outside again** (:func:`apply_outputs`): if the structure did not change, write the changed
-   values back into the cached Variables; otherwise rebuild the structure into the original
-   objects in place (new attributes, deleted ones, new sharing) and build new output objects,
-   keeping identity for nodes that were inputs.
+   arguments and walk them jointly once (so sharing between arguments survives) into a
+   GraphDef and a flat list of state leaves. The walk is cached per tuple of node identities
+   and reused while a fresh walk would give the same result, so a repeated call costs a list
+   comprehension over the Variables. ``Inputs.static(settings)`` is the call's :class:`Call`
+   (structure, modes and the transform's own settings), wrapped as static data for JAX.
+2. **Inside** the JAX transform (:class:`Step`): rebuild fresh objects from the traced
+   leaves, let the transform call the user function on them, then :meth:`Step.collect` walks
+   the inputs and outputs again and returns only the leaves that changed, plus static
+   information about what happened (an :class:`Info`, which travels as pytree auxiliary data,
+   so JAX caches it with the trace).
+3. **Outside again** (:func:`apply_outputs`): if the structure did not change, write the
+   changed values back into the cached Variables; otherwise rebuild the structure into the
+   original objects in place (new attributes, deleted ones, new sharing) and build new output
+   objects, keeping identity for nodes that were inputs.
+
+The modes are resolved once per call (``split_inputs``) and travel in the :class:`Call`:
+``graph=False`` (tree mode) refuses shared references among the arguments, and
+``graph_updates=False`` propagates only the values of the Variables the inputs were rebuilt
+with (no structural change), for every transform alike.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
+import dataclasses
 import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-from jax.api_util import shaped_abstractify
 
-from refax._config import graph_mode_default, graph_updates_default
+from refax._config import resolve_modes
 from refax._graph import _cache
-from refax._graph._flatten import FlattenResult, flatten
+from refax._graph._flatten import FlattenResult, flatten, is_graph_node
 from refax._graph._graphdef import REF, GraphDef, children, skip
 from refax._graph._unflatten import unflatten
-from refax._object import Pytree
 from refax._tracers import EPOCH
+from refax._transforms._checks import shared_reference_error
 from refax._variables import Variable, _set_raw
-
-_MISSING = object()
-
-
-def is_node(x: Any) -> bool:
-    return isinstance(x, (Pytree, Variable))
 
 
 class Static:
@@ -66,22 +66,47 @@ class Static:
 jax.tree_util.register_pytree_node(Static, lambda s: ((), s.value), lambda v, _: Static(v))
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Call:
+    """What the inner step needs to know about one call, as hashable static data: the
+    arguments' structure, the resolved modes, and the transform's own ``settings`` (a small
+    frozen dataclass per transform, e.g. jit's masks and shardings, vmap's axes)."""
+
+    graphdef: GraphDef  # the joint walk of the argument nodes
+    treedef: Any  # of (args, kwargs) with graph nodes as leaves
+    node_pos: tuple[int, ...]  # positions of the nodes among those leaves
+    graph: bool = True
+    graph_updates: bool = True
+    settings: Any = None
+
+
 class Inputs:
     """The arguments of one call, split into graph state and everything else."""
 
-    __slots__ = ("treedef", "other", "node_pos", "walk", "values", "nodes")
+    __slots__ = ("treedef", "other", "node_pos", "walk", "values", "nodes", "graph", "updates")
 
-    def __init__(self, treedef, other, node_pos, walk, values, nodes=()):
+    def __init__(self, treedef, other, node_pos, walk, values, nodes, graph, updates):
         self.treedef = treedef  # of (args, kwargs) with graph nodes as leaves
         self.other = other  # the pytree leaves, None where a node stood
         self.node_pos = node_pos  # positions of the nodes among the leaves
         self.walk: FlattenResult = walk  # the joint walk of the nodes tuple
         self.values: list[Any] = values  # raw values of the walk's leaves
         self.nodes: tuple = nodes  # the argument objects, in order of node_pos
+        self.graph: bool = graph  # the resolved modes of this call
+        self.updates: bool = updates
 
     @property
     def graphdef(self) -> GraphDef:
         return self.walk.graphdef
+
+    def call(self, settings: Any = None) -> Call:
+        """This call's :class:`Call`, with the transform's ``settings``."""
+        walk = self.walk
+        return Call(walk.graphdef, self.treedef, self.node_pos, self.graph, self.updates, settings)
+
+    def static(self, settings: Any = None) -> Static:
+        """:meth:`call` wrapped for JAX (the argument a pure function gets first)."""
+        return Static(self.call(settings))
 
 
 _LIFT_KEY = "lift"  # key prefix of lift walks in ObjectState.walks
@@ -135,28 +160,30 @@ class _LazyNodes:
         return len(self.kept)
 
 
-def _raw(leaf: Any) -> Any:
+def raw(leaf: Any) -> Any:
+    """A state leaf's value: a Variable's raw value, anything else as it is."""
     return leaf._raw_value if isinstance(leaf, Variable) else leaf
 
 
-def resolve_modes(graph: bool | None, graph_updates: bool | None) -> tuple[bool, bool]:
-    """The effective (graph, graph_updates) flags: None reads the process-wide default; tree
-    mode (graph=False) never propagates graph updates."""
-    graph = graph_mode_default() if graph is None else graph
-    graph_updates = graph_updates_default() if graph_updates is None else graph_updates
-    return graph, graph and graph_updates
+def input_leaves(nodes: tuple) -> list[Any]:
+    """The state leaves (Variables, raw arrays) of ``nodes``, in walk order."""
+    return flatten(nodes).leaves
 
 
-def split_inputs(args: tuple, kwargs: dict, *, graph: bool | None = None) -> Inputs:
+def split_inputs(
+    args: tuple, kwargs: dict, *, graph: bool | None = None, graph_updates: bool | None = None
+) -> Inputs:
     """Step 1: separates graph nodes from the rest of the arguments and walks them.
 
-    In tree mode (``graph=False``; ``None`` reads the ``set_graph_mode`` default) an object
-    reachable twice is an error.
+    ``graph`` / ``graph_updates`` (``None`` reads the ``set_graph_mode`` /
+    ``set_graph_updates`` defaults) are resolved here and kept on the result.
+
+    Raises:
+      ValueError: in tree mode (``graph=False``), for an object reachable twice.
     """
-    if graph is None:
-        graph = resolve_modes(None, None)[0]
-    leaves, treedef = jax.tree_util.tree_flatten((args, kwargs), is_leaf=is_node)
-    node_pos = tuple(i for i, x in enumerate(leaves) if is_node(x))
+    graph, updates = resolve_modes(graph, graph_updates)
+    leaves, treedef = jax.tree_util.tree_flatten((args, kwargs), is_leaf=is_graph_node)
+    node_pos = tuple(i for i, x in enumerate(leaves) if is_graph_node(x))
     nodes = tuple(leaves[i] for i in node_pos)
     for i in node_pos:
         leaves[i] = None
@@ -166,122 +193,8 @@ def split_inputs(args: tuple, kwargs: dict, *, graph: bool | None = None) -> Inp
     if all_vars:
         values = [leaf._raw_value for leaf in walk.leaves]
     else:
-        values = [_raw(leaf) for leaf in walk.leaves]
-    return Inputs(treedef, leaves, node_pos, walk, values, nodes)
-
-
-def _show_path(path: tuple) -> str:
-    out = ""
-    for key in path:
-        out += f".{key}" if isinstance(key, str) and out else f"[{key!r}]" if out else str(key)
-    return "." + out
-
-
-def shared_reference_error(args: tuple, kwargs: dict) -> ValueError:
-    """The error for an object or Variable reached twice through the arguments in tree mode,
-    naming every path that reaches the first such value."""
-    from refax._graph._api import _children, find_duplicates
-
-    tree: dict[str, Any] = {"args": list(args)}
-    if kwargs:
-        tree["kwargs"] = dict(kwargs)
-    # every path to every Variable (a shared object's Variables are reached through each
-    # path to it), stopping at cycles
-    found: dict[int, tuple[Any, list[tuple]]] = {}
-    stack: list[tuple[Any, tuple, frozenset]] = [(tree, (), frozenset())]
-    while stack:
-        value, path, above = stack.pop()
-        if isinstance(value, Variable):
-            found.setdefault(id(value), (value, []))[1].append(path)
-        elif id(value) not in above and isinstance(value, (Pytree, dict, list, tuple)):
-            inner = above | {id(value)}
-            stack += [(c, (*path, k), inner) for k, c in reversed(_children(value))]
-    groups = [(v, ps) for v, ps in found.values() if len(ps) > 1]
-    if not groups:
-        groups = [(None, ps) for ps in find_duplicates(tree)]
-    where = ""
-    if groups:
-        value, paths = groups[0]
-        if value is None:
-            value = tree
-            for key in paths[0]:
-                value = value[key] if isinstance(value, (dict, list, tuple)) else vars(value)[key]
-        shown = "".join(f"\n  - {_show_path(p)}" for p in paths)
-        where = f"Duplicate {type(value).__name__} found at paths:\n{shown}\n\n"
-    return ValueError(
-        f"Shared reference found in tree mode (graph=False). {where}An object or Variable "
-        "reachable through more than one path in the arguments has no single place in a "
-        "pytree. Pass graph=True (graph mode keeps sharing), or remove the shared reference "
-        "(nnx.clone makes an independent copy)."
-    )
-
-
-def check_no_input_returned(transform: str, input_leaves: list | None, out: Any) -> None:
-    """Tree mode: an input Variable returned as an output would be two pytree leaves that are
-    one object afterwards, which a pytree cannot express.
-
-    Raises:
-      ValueError: naming the Variable's type and its path in the output.
-    """
-    if not input_leaves:
-        return
-    ids = {id(x) for x in input_leaves if isinstance(x, Variable)}
-    out_nodes = tuple(x for x in jax.tree_util.tree_leaves(out, is_leaf=is_node) if is_node(x))
-    if not out_nodes or not ids:
-        return
-    walk = flatten(out_nodes, with_paths=True)
-    for leaf, path in zip(walk.leaves, walk.paths):
-        if id(leaf) in ids:
-            where = ".".join(map(str, path[1:])) or "itself"
-            raise ValueError(
-                f"Duplicate {type(leaf).__name__}: an input Variable is returned as output "
-                f"{path[0]} ({where}). nnx.{transform} without graph updates (graph=False or "
-                "graph_updates=False) does not "
-                "support Variable aliasing (an input Variable returned as an output, or one "
-                "Variable passed twice): return its value, return a copy (nnx.clone), or pass "
-                "graph=True and graph_updates=True."
-            )
-
-
-def check_not_captured(
-    transform: str, out_nodes: Sequence[Any], inputs: list, updates: bool
-) -> None:
-    """An object returned by a transformed function must be an input or made inside it; one
-    captured from outside (closure) was made at another trace level.
-
-    Raises:
-      ValueError: naming the captured object's type.
-    """
-    from refax._object import _STATE_ATTR
-    from refax._tracers import current_trace
-
-    known = {id(n) for n in inputs}
-    fresh = tuple(n for n in out_nodes if id(n) not in known)
-    if not fresh:
-        return
-    here = current_trace()
-    walk = flatten(fresh)
-    for node in [*walk.nodes, *walk.leaves]:
-        if id(node) in known:
-            continue
-        if isinstance(node, Variable):
-            trace = node._trace_state
-        elif isinstance(node, Pytree):
-            st = node.__dict__.get(_STATE_ATTR)
-            trace = here if st is None else st.trace_state
-        else:
-            continue
-        if trace != here:
-            kind = type(node).__name__
-            if updates:
-                what = f"Cannot extract graph node from different trace level: a {kind}"
-            else:
-                what = f"Cannot return captured Variable state: a {kind}"
-            raise ValueError(
-                f"{what} returned by the function given to nnx.{transform} was neither an "
-                "argument nor created inside the function (it was captured from an outer "
-                "scope). Pass it as an argument (with its axis in the prefix) to return it."
-            )
+        values = [raw(leaf) for leaf in walk.leaves]
+    return Inputs(treedef, leaves, node_pos, walk, values, nodes, graph, updates)
 
 
 class Info:
@@ -310,6 +223,15 @@ class Info:
         self.paths: tuple[tuple, ...] = ()  # paths of the joint leaves (structure changed)
         self.annotation: Any = None  # per-joint-leaf data a transform attached (e.g. axes)
 
+    @classmethod
+    def same_structure(cls, changed: tuple, out_treedef, out_pos: tuple, out_refs: tuple) -> Info:
+        """The structure of the inputs did not change; the ``changed`` leaves come back."""
+        return cls(True, changed, out_treedef, out_pos, out_refs, None, ())
+
+    def with_changed(self, changed: tuple) -> Info:
+        """This (unchanged-structure) info with other leaves coming back."""
+        return Info.same_structure(changed, self.out_treedef, self.out_pos, self.out_refs)
+
     def _key(self) -> tuple:
         return (
             self.unchanged,
@@ -329,128 +251,106 @@ class Info:
         return hash(self._key())
 
 
-def rebuild_inputs(
-    static: tuple, values: Sequence[Any], other: Sequence[Any]
-) -> tuple[tuple, dict, tuple, list]:
-    """Inside a transform: fresh objects from traced ``values`` and the other argument leaves.
+class Step:
+    """Step 2, the inner step of every transform, run while JAX traces.
 
-    Returns ``(args, kwargs, nodes, built)``: the rebuilt arguments, the argument nodes and
-    every node built, by index.
+    ``Step(call, values, other)`` rebuilds fresh objects from the traced ``values`` and the
+    other argument leaves (``args``, ``kwargs``, ``nodes``: the argument objects, ``built``:
+    every node built, by index); the transform calls the user function on them and hands the
+    part of its output that may hold objects to :meth:`collect`.
     """
-    graphdef, treedef, node_pos = static[:3]
-    built: list[Any] = []
-    nodes = unflatten(graphdef, values, flat=True, nodes_out=built)
-    leaves = list(other)
-    for p, n in zip(node_pos, nodes):
-        leaves[p] = n
-    args, kwargs = jax.tree_util.tree_unflatten(treedef, leaves)
-    return args, kwargs, nodes, built
 
+    __slots__ = ("call", "values", "args", "kwargs", "nodes", "built", "input_leaves")
 
-def collect_outputs(
-    graphdef: GraphDef,
-    in_values: Sequence[Any],
-    nodes: tuple,
-    built: list[Any],
-    out: Any,
-    *,
-    all_values: bool = False,
-    every_input: bool | tuple[bool, ...] = False,
-    before_walk: Callable[[FlattenResult], None] | None = None,
-    annotate: Callable[[FlattenResult], Any] | None = None,
-    graph_updates: bool = True,
-    input_leaves: Sequence[Any] | None = None,
-) -> tuple[Info, list[Any], list[Any]]:
-    """Inside a transform, after the user function: what changed, as (info, values, other).
+    def __init__(self, call: Call, values: Sequence[Any], other: Sequence[Any]):
+        self.call = call
+        self.values = values
+        built: list[Any] = []
+        nodes = unflatten(call.graphdef, values, flat=True, nodes_out=built)
+        leaves = list(other)
+        for p, n in zip(call.node_pos, nodes):
+            leaves[p] = n
+        self.args, self.kwargs = jax.tree_util.tree_unflatten(call.treedef, leaves)
+        self.nodes: tuple = nodes
+        self.built: list[Any] = built
+        # without graph updates only the values of the leaves the inputs were rebuilt with
+        # propagate (looked up by identity afterwards); structural changes stay inside
+        self.input_leaves: list[Any] | None = None if call.graph_updates else input_leaves(nodes)
 
-    ``values`` holds the changed input leaves (structure unchanged) or every leaf of the joint
-    (inputs, outputs) walk (structure changed; ``info.paths`` then gives their paths).
-    ``all_values`` forces the latter; ``every_input`` returns every input leaf, changed or not
-    (vectorising transforms must return each batched value), or those a mask selects.
-    ``before_walk(joint)`` may edit
-    Variable metadata (axis names) before the final walk. With ``graph_updates=False`` the
-    structure of the inputs is left alone: only the values of the input leaves (the
-    ``input_leaves`` the inputs were rebuilt with, followed by identity) propagate.
-    """
-    out_leaves, out_treedef = jax.tree_util.tree_flatten(out, is_leaf=is_node)
-    out_pos = tuple(i for i, x in enumerate(out_leaves) if is_node(x))
-    out_nodes = tuple(out_leaves[i] for i in out_pos)
-    for i in out_pos:
-        out_leaves[i] = None
-    if before_walk is not None:
-        before_walk(flatten((nodes, out_nodes), with_paths=True))
-    joint = flatten((nodes, out_nodes), with_paths=True)
-    joint_ops, in_ops = joint.graphdef.ops, graphdef.ops
-    out_start = skip(joint_ops, 1)  # the outputs' tuple follows the inputs' subtree
-    n_in = graphdef.num_nodes
-    out_refs = tuple(
-        joint_ops[j][1] if joint_ops[j][0] == REF and joint_ops[j][1] < n_in else -1
-        for j in children(joint_ops, out_start)
-    )
-    if not graph_updates and input_leaves is not None:
+    @property
+    def settings(self) -> Any:
+        return self.call.settings
+
+    def run(self, fun: Callable[..., Any]) -> Any:
+        """``fun(*args, **kwargs)`` on the rebuilt arguments."""
+        return fun(*self.args, **self.kwargs)
+
+    def collect(
+        self,
+        out: Any,
+        *,
+        every_input: bool | tuple[bool, ...] = False,
+        before_walk: Callable[[FlattenResult], None] | None = None,
+        annotate: Callable[[FlattenResult], Any] | None = None,
+    ) -> tuple[Info, list[Any], list[Any]]:
+        """After the user function: what changed, as ``(info, values, out_other)``.
+
+        ``values`` holds the changed input leaves (structure unchanged) or every leaf of the
+        joint (inputs, outputs) walk (structure changed; ``info.paths`` then gives their
+        paths). ``every_input`` returns every input leaf, changed or not (vectorising
+        transforms must return each batched value), or those a mask selects (donated buffers).
+        ``before_walk(joint)`` may edit Variable metadata (axis names) before the final walk;
+        ``annotate(joint)`` attaches per-leaf data (axes) to a changed structure's info.
+        """
+        graphdef, built = self.call.graphdef, self.built
+        out_leaves, out_treedef = jax.tree_util.tree_flatten(out, is_leaf=is_graph_node)
+        out_pos = tuple(i for i, x in enumerate(out_leaves) if is_graph_node(x))
+        out_nodes = tuple(out_leaves[i] for i in out_pos)
+        for i in out_pos:
+            out_leaves[i] = None
+        if before_walk is not None:
+            before_walk(flatten((self.nodes, out_nodes), with_paths=True))
+        if self.input_leaves is not None:  # no graph updates: values by identity only
+            position = {id(n): i for i, n in enumerate(built)}
+            refs = tuple(position.get(id(n), -1) for n in out_nodes)
+            if -1 not in refs:
+                new = [raw(leaf) for leaf in self.input_leaves]
+                changed = _changed(new, self.values, every_input)
+                info = Info.same_structure(changed, out_treedef, out_pos, refs)
+                return info, [new[i] for i in changed], out_leaves
+        joint = flatten((self.nodes, out_nodes), with_paths=True)
+        joint_ops, in_ops = joint.graphdef.ops, graphdef.ops
+        out_start = skip(joint_ops, 1)  # the outputs' tuple follows the inputs' subtree
+        n_in = graphdef.num_nodes
+        out_refs = tuple(
+            joint_ops[j][1] if joint_ops[j][0] == REF and joint_ops[j][1] < n_in else -1
+            for j in children(joint_ops, out_start)
+        )
+        # Unchanged means: same encoding, the very same objects at every node index (a swap
+        # of two Variables keeps the encoding but not the identities), no new output objects,
+        # and no raw-array attribute rebound (those are written back by rebuilding, below).
+        unchanged = (
+            joint_ops[1:out_start] == in_ops
+            and -1 not in out_refs
+            and all(map(operator.is_, joint.nodes[:n_in], built))
+        )
+        if unchanged:
+            in_leaves = joint.leaves[: graphdef.num_leaves]
+            new = [raw(leaf) for leaf in in_leaves]
+            changed = _changed(new, self.values, every_input)
+            if all(isinstance(in_leaves[i], Variable) for i in changed):
+                info = Info.same_structure(changed, out_treedef, out_pos, out_refs)
+                return info, [new[i] for i in changed], out_leaves
         position = {id(n): i for i, n in enumerate(built)}
-        refs = tuple(position.get(id(n), -1) for n in out_nodes)
-        if -1 not in refs:
-            new = [_raw(leaf) for leaf in input_leaves]
-            changed = _changed(new, in_values, every_input)
-            info = Info(True, changed, out_treedef, out_pos, refs, None, ())
-            return info, [new[i] for i in changed], out_leaves
-    # Unchanged means: same encoding, the very same objects at every node index (a swap of
-    # two Variables keeps the encoding but not the identities), no new output objects, and
-    # no raw-array attribute rebound (those are written back by rebuilding, below).
-    unchanged = (
-        not all_values
-        and joint_ops[1:out_start] == in_ops
-        and -1 not in out_refs
-        and all(map(operator.is_, joint.nodes[:n_in], built))
-    )
-    if unchanged:
-        in_leaves = joint.leaves[: graphdef.num_leaves]
-        new = [_raw(leaf) for leaf in in_leaves]
-        changed = _changed(new, in_values, every_input)
-        if all(isinstance(in_leaves[i], Variable) for i in changed):
-            info = Info(True, changed, out_treedef, out_pos, out_refs, None, ())
-            return info, [new[i] for i in changed], out_leaves
-    position = {id(n): i for i, n in enumerate(built)}
-    node_map = tuple((j, position[id(n)]) for j, n in enumerate(joint.nodes) if id(n) in position)
-    values = [_raw(leaf) for leaf in joint.leaves]
-    info = Info(False, (), out_treedef, out_pos, out_refs, joint.graphdef, node_map)
-    info.paths = tuple(joint.paths)
-    if annotate is not None:
-        info.annotation = tuple(annotate(joint))
-    return info, values, out_leaves
-
-
-def describe_function(fun: Callable[..., Any]) -> str:
-    """``name at file:line`` of a user function (unwrapping decorators and partials)."""
-    while isinstance(fun, functools.partial):
-        fun = fun.func
-    fun = inspect.unwrap(fun)
-    name = getattr(fun, "__qualname__", None) or getattr(fun, "__name__", None) or repr(fun)
-    code = getattr(fun, "__code__", None)
-    if code is None:
-        return name
-    return f"{name} at {code.co_filename}:{code.co_firstlineno}"
-
-
-def check_output_types(fun: Callable[..., Any], out: Any, transform: str) -> None:
-    """Raises TypeError naming the user's function and the output path when ``out`` holds a
-    leaf that is neither a graph node nor a valid JAX type (JAX's own error would name refax's
-    internal wrapper instead)."""
-    leaves = jax.tree_util.tree_flatten_with_path(out, is_leaf=is_node)[0]
-    for path, leaf in leaves:
-        if is_node(leaf):
-            continue
-        try:
-            shaped_abstractify(leaf)
-        except TypeError:
-            where = jax.tree_util.keystr(path) or "<the output itself>"
-            raise TypeError(
-                f"function {describe_function(fun)} traced for nnx.{transform} returned a "
-                f"value of type {type(leaf).__name__} at output {where}, which is not a valid "
-                "JAX type. Return arrays, scalars or refax objects only; keep other values out "
-                "of the output (or mark an argument static)."
-            ) from None
+        node_map = tuple(
+            (j, position[id(n)]) for j, n in enumerate(joint.nodes) if id(n) in position
+        )
+        values = [raw(leaf) for leaf in joint.leaves]
+        info = Info(False, (), out_treedef, out_pos, out_refs, joint.graphdef, node_map)
+        info.paths = tuple(joint.paths)
+        if annotate is not None:
+            info.annotation = tuple(annotate(joint))
+        return info, values, out_leaves
 
 
 def _changed(new: list, old: Sequence[Any], every_input: bool | tuple) -> tuple[int, ...]:
@@ -463,27 +363,18 @@ def _changed(new: list, old: Sequence[Any], every_input: bool | tuple) -> tuple[
 
 
 def make_pure(fun: Callable[..., Any]) -> Callable[..., Any]:
-    """The function a JAX transform sees.
-
-    ``pure(Static(static), values, other) -> (Static(info), new_values, out_other)``, where
-    ``static = (graphdef, treedef, node_pos, extra)`` and the user function is called as
-    ``fun(args, kwargs, extra)``.
-    """
+    """The pure function of a transform that only runs the user function (remat, checkify):
+    ``pure(Static(call), values, other) -> (Static(info), new_values, out_other)``, where the
+    user function is called as ``fun(step)`` and returns its output."""
 
     def pure(
         static: Static, values: list[Any], other: list[Any]
     ) -> tuple[Static, list[Any], list[Any]]:
-        graphdef = static.value[0]
-        args, kwargs, nodes, built = rebuild_inputs(static.value, values, other)
-        out = fun(args, kwargs, static.value[3])
-        info, new_values, out_other = collect_outputs(graphdef, values, nodes, built, out)
+        step = Step(static.value, values, other)
+        info, new_values, out_other = step.collect(fun(step))
         return Static(info), new_values, out_other
 
     return pure
-
-
-def static_of(inputs: Inputs, extra: Any = None) -> Static:
-    return Static((inputs.graphdef, inputs.treedef, inputs.node_pos, extra))
 
 
 def apply_outputs(inputs: Inputs, info: Info, values: Sequence[Any], out_other: list[Any]) -> Any:

@@ -20,8 +20,10 @@ from typing import Any
 import jax
 
 from refax._graph._api import iter_graph
-from refax._transforms._axes import args_prefixes, broadcast_prefix, is_node, leaf_axis
-from refax._transforms._vmap import _insert_axis, _remove_axis
+from refax._graph._flatten import is_graph_node
+from refax._transforms._axes import args_prefixes, broadcast_prefix
+from refax._transforms._axis_metadata import insert_axis, remove_axis
+from refax._transforms._prefix import leaf_axis
 from refax._variables import Variable
 
 __all__ = ["transform_metadata"]
@@ -88,33 +90,33 @@ def transform_metadata(
 
     @functools.wraps(f)
     def wrapper(*args: Any) -> Any:
-        leaves = jax.tree_util.tree_leaves(args, is_leaf=is_node)
+        leaves = jax.tree_util.tree_leaves(args, is_leaf=is_graph_node)
         prefixes = args_prefixes(in_axes, args, {})
         inputs = [
             (var, axis)
             for leaf, prefix in zip(leaves, prefixes)
-            if is_node(leaf)
+            if is_graph_node(leaf)
             for var, axis in _variables(leaf, prefix, graph)
         ]
         seen: set[int] = set()
         for var, axis in inputs:
             if id(var) not in seen:
                 seen.add(id(var))
-                _remove_axis(var, axis, partition)
+                remove_axis(var, axis, partition)
         out = f(*args)
         for var, axis in inputs:
             if id(var) in seen:
                 seen.discard(id(var))
-                _insert_axis(var, axis, partition)
-        out_leaves = jax.tree_util.tree_leaves(out, is_leaf=is_node)
+                insert_axis(var, axis, partition)
+        out_leaves = jax.tree_util.tree_leaves(out, is_leaf=is_graph_node)
         out_prefixes = broadcast_prefix(out_axes, out, "out_axes")
         done = {id(var) for var, _ in inputs}  # inputs got their axes back already
         for leaf, prefix in zip(out_leaves, out_prefixes):
-            if is_node(leaf):
+            if is_graph_node(leaf):
                 for var, axis in _variables(leaf, prefix, graph):
                     if id(var) not in done:
                         done.add(id(var))
-                        _insert_axis(var, axis, partition)
+                        insert_axis(var, axis, partition)
         return out
 
     return wrapper

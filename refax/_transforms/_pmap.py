@@ -32,6 +32,7 @@ Example (one device is enough):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -39,26 +40,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from refax._transforms._jit import (
-    _donation_masks,
-    _extract_static,
-    _insert_static,
-    _interleave,
-    _split_by_mask,
-    check_not_bound_method,
-)
-from refax._transforms._lift import Static, apply_outputs
-from refax._transforms._vmap import MappedWrapped, _partition_name
+from refax._transforms._axis_metadata import partition_name
+from refax._transforms._checks import check_not_bound_method
+from refax._transforms._lift import Static, Step, apply_outputs
+from refax._transforms._masks import donation_masks, interleave, split_by_mask
+from refax._transforms._static_args import as_tuple, extract_static, insert_static
+from refax._transforms._vmap import MappedWrapped
 
 __all__ = ["pmap", "PmapWrapped"]
-
-
-def _as_tuple(x: int | Iterable[int] | None) -> tuple[int, ...]:
-    if x is None:
-        return ()
-    if isinstance(x, int):
-        return (x,)
-    return tuple(x)
 
 
 def _place(x: Any, axis: Any) -> Any:
@@ -87,23 +76,26 @@ class PmapWrapped(MappedWrapped):
         axis_size: int | None = None,
         donate_argnums: int | Iterable[int] = (),
         transform_metadata: Mapping[str, Any] | None = None,
+        graph: bool | None = None,
+        graph_updates: bool | None = None,
     ):
         check_not_bound_method(fun, "pmap")
+        self.graph, self.graph_updates = graph, graph_updates
         functools.update_wrapper(self, fun)
         self.fun = fun
         self.axis_name = axis_name
         self.in_axes = self.in_prefix = in_axes
         self.out_axes = self.out_prefix = out_axes
-        self.static_broadcasted_argnums = _as_tuple(static_broadcasted_argnums)
+        self.static_broadcasted_argnums = as_tuple(static_broadcasted_argnums)
         self.devices = devices
         self.backend = backend
         self.axis_size = axis_size
-        self.donate_argnums = _as_tuple(donate_argnums)
-        self.partition_name = _partition_name(dict(transform_metadata or {}))
+        self.donate_argnums = as_tuple(donate_argnums)
+        self.partition_name = partition_name(transform_metadata)
         self._pmaps: dict[tuple, Any] = {}  # input layout -> jax.pmap object
 
-    def _call_fun(self, args: tuple, kwargs: dict, extra: Any) -> Any:
-        args, kwargs = _insert_static(args, kwargs, extra[0])
+    def _call_fun(self, step: Step) -> Any:
+        args, kwargs = insert_static(step.args, step.kwargs, step.settings.static_args)
         return self.fun(*args, **kwargs)
 
     def _pure(
@@ -115,9 +107,9 @@ class PmapWrapped(MappedWrapped):
         donated_other: list,
         kept_other: list,
     ):
-        value_mask, other_mask = static.value[3][2][1]
-        values = _interleave(value_mask, donated_values, kept_values)
-        other = _interleave(other_mask, donated_other, kept_other)
+        settings = static.value.settings
+        values = interleave(settings.value_mask, donated_values, kept_values)
+        other = interleave(settings.other_mask, donated_other, kept_other)
         info, new_values, out_other, value_out, other_out = self._trace(static, values, other)
         return Static((info, tuple(value_out), tuple(other_out))), new_values, out_other
 
@@ -148,15 +140,15 @@ class PmapWrapped(MappedWrapped):
         if static_nums:
             if isinstance(in_axes, (tuple, list)) and len(in_axes) == n:
                 in_axes = tuple(a for i, a in enumerate(in_axes) if i not in static_nums)
-            args, kwargs, static_args = _extract_static(
-                args, kwargs, tuple(sorted(static_nums)), ()
+            args, kwargs, static_args = extract_static(
+                args, kwargs, tuple(sorted(static_nums)), (), "pmap"
             )
         # donate_argnums count every positional argument, static ones included (as jax.pmap)
         dyn_index = [i for i in range(n) if i not in static_nums]
         donate_dyn = tuple(j for j, i in enumerate(dyn_index) if i in donated)
-        inputs, value_axes, other_axes, static = self._prepare(args, kwargs, in_axes)
+        inputs, value_axes, other_axes, static = self._prepare(args, kwargs, in_axes, static_args)
         if donate_dyn:
-            value_mask, other_mask = _donation_masks(inputs, args, kwargs, donate_dyn, ())
+            value_mask, other_mask = donation_masks(inputs, args, kwargs, donate_dyn, ())
         else:
             value_mask = (False,) * len(inputs.values)
             other_mask = (False,) * len(inputs.other)
@@ -168,13 +160,13 @@ class PmapWrapped(MappedWrapped):
         # jax.pmap infers the axis size from a mapped argument: give it one when only
         # axis_size says how many devices to use (e.g. creating objects inside)
         dummy = None if mapped else jnp.zeros((self.axis_size,), jnp.int8)
-        graphdef, treedef, node_pos, (_, node_prefixes, _, updates), *mode = static.value
-        extra = (value_axes, node_prefixes, (static_args, (value_mask, other_mask)), updates)
-        static = Static((graphdef, treedef, node_pos, extra, *mode))
-        dv, kv = _split_by_mask(value_mask, inputs.values)
-        do, ko = _split_by_mask(other_mask, inputs.other)
-        dva, kva = _split_by_mask(value_mask, value_axes)
-        doa, koa = _split_by_mask(other_mask, other_axes)
+        call = static.value
+        settings = dataclasses.replace(call.settings, value_mask=value_mask, other_mask=other_mask)
+        static = Static(dataclasses.replace(call, settings=settings))
+        dv, kv = split_by_mask(value_mask, inputs.values)
+        do, ko = split_by_mask(other_mask, inputs.other)
+        dva, kva = split_by_mask(value_mask, value_axes)
+        doa, koa = split_by_mask(other_mask, other_axes)
         run = self._jax_pmap(
             (None, None if mapped else 0, list(dva), list(kva), list(doa), list(koa)),
             bool(donate_dyn),
@@ -217,7 +209,10 @@ def pmap(
       donate_argnums: donate the buffers of these positional arguments (their Variables).
       global_arg_shapes: not supported by the installed JAX; must be ``None``.
       transform_metadata: ``{nnx.PARTITION_NAME: name}`` as for ``nnx.vmap``.
-      graph, graph_updates: accepted for API compatibility (graph mode, updates propagate).
+      graph: ``False`` selects tree mode: objects are pytrees, and an object or Variable
+        reachable twice among the arguments is an error. ``None`` reads the default.
+      graph_updates: ``False`` propagates only the values of the arguments' Variables, not
+        structural changes. ``None`` reads the default.
     """
     if global_arg_shapes is not None:
         raise ValueError(
@@ -234,6 +229,8 @@ def pmap(
         axis_size=axis_size,
         donate_argnums=donate_argnums,
         transform_metadata=transform_metadata,
+        graph=graph,
+        graph_updates=graph_updates,
     )
     if f is None:
         return lambda fn: PmapWrapped(fn, **kwargs)

@@ -24,7 +24,11 @@ from typing import Any
 
 import jax
 
+from refax._config import resolve_modes
 from refax._filters import to_predicate
+from refax._graph._flatten import flatten, is_graph_node
+from refax._object import Pytree
+from refax._statelib import State
 from refax._variables import Variable
 
 __all__ = ["StateSharding", "DiffState", "StateAxes", "Carry", "PARTITION_NAME"]
@@ -78,8 +82,6 @@ class _FilterMap(LeafPrefix):
     """An ordered filter -> value mapping; the first matching filter wins."""
 
     def __init__(self, mapping: Mapping[Any, Any] | tuple[tuple[Any, Any], ...]):
-        from refax._statelib import State
-
         self._state: Any = None
         if isinstance(mapping, State):  # keyed by path like the object's state, not filters
             self._state = mapping
@@ -123,7 +125,7 @@ class _FilterMap(LeafPrefix):
           ValueError: when no filter matches, naming the path.
         """
         if self._state is not None:
-            value = _leaf_value(self._state, path, leaf, _MISSING)
+            value = leaf_value(self._state, path, leaf, _MISSING)
             if value is not _MISSING:
                 return value
         else:
@@ -158,7 +160,7 @@ class _StatePath:
         self.state = state
 
     def __call__(self, path: tuple, leaf: Any) -> bool:
-        return _leaf_value(self.state, path, leaf, _MISSING) is not _MISSING
+        return leaf_value(self.state, path, leaf, _MISSING) is not _MISSING
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, _StatePath) and other.state is self.state
@@ -260,13 +262,7 @@ def check_prefix(
         Variables inside objects, which tree mode and ``graph_updates=False`` treat as
         plain pytrees).
     """
-    from refax._config import graph_mode_default, graph_updates_default
-    from refax._object import Pytree
-
-    graph = graph_mode_default() if graph is None else graph
-    graph_updates = graph_updates_default() if graph_updates is None else graph_updates
-    from refax._statelib import State
-
+    graph, graph_updates = resolve_modes(graph, graph_updates)
     mappings = (_FilterMap, DiffState)
     leaves = jax.tree_util.tree_leaves(
         prefix, is_leaf=lambda x: isinstance(x, (Pytree, Variable, State, *mappings))
@@ -281,7 +277,7 @@ def check_prefix(
                 "int, None, a sharding), or a StateAxes/StateSharding for an object's "
                 "Variables."
             )
-        if not (graph and graph_updates) and not isinstance(leaf, mappings):
+        if not graph_updates and not isinstance(leaf, mappings):
             continue  # objects are pytrees then, and may be prefixes shaped like them
         if isinstance(leaf, Pytree):
             raise ValueError(
@@ -289,7 +285,7 @@ def check_prefix(
                 f"{type(leaf).__name__} in `{argname}`. A prefix gives one entry per argument "
                 "(an int, None, a sharding, StateAxes/StateSharding/DiffState), not an object."
             )
-        if isinstance(leaf, mappings) and not (graph and graph_updates):
+        if isinstance(leaf, mappings) and not graph_updates:
             kind = type(leaf).__name__
             raise ValueError(
                 f"`{argname}` cannot contain `{kind}` objects when `graph=False` or "
@@ -301,13 +297,11 @@ def check_prefix(
 
 def arg_owners(inputs: Any, args: tuple, kwargs: dict) -> list[Any]:
     """The top-level argument (position or keyword name) of every flat leaf of ``inputs``."""
-    from refax._transforms._lift import is_node
-
     owners: list[Any] = []
     for i, a in enumerate(args):
-        owners += [i] * len(jax.tree_util.tree_leaves(a, is_leaf=is_node))
+        owners += [i] * len(jax.tree_util.tree_leaves(a, is_leaf=is_graph_node))
     for k in sorted(kwargs):  # tree_flatten orders dict keys
-        owners += [k] * len(jax.tree_util.tree_leaves(kwargs[k], is_leaf=is_node))
+        owners += [k] * len(jax.tree_util.tree_leaves(kwargs[k], is_leaf=is_graph_node))
     return owners
 
 
@@ -331,13 +325,13 @@ def resolve_leaf_prefixes(inputs: Any, args: tuple, kwargs: dict, prefixes: Any)
     if walk.num_refs or len({id(n) for n in nodes}) < len(nodes):
         _check_consistent(nodes, [node_prefix(i) for i in range(len(nodes))])
     return tuple(
-        _leaf_value(node_prefix(path[0]), path[1:], leaf)
+        leaf_value(node_prefix(path[0]), path[1:], leaf)
         for leaf, path in zip(walk.leaves, walk.paths)
     )
 
 
 class _Resolved(LeafPrefix):
-    """A prefix read leaf by leaf through :func:`_leaf_value` (for the aliasing check)."""
+    """A prefix read leaf by leaf through :func:`leaf_value` (for the aliasing check)."""
 
     __slots__ = ("prefix",)
 
@@ -345,7 +339,7 @@ class _Resolved(LeafPrefix):
         self.prefix = prefix
 
     def lookup(self, path: tuple, leaf: Any) -> Any:
-        return _leaf_value(self.prefix, path, leaf)
+        return leaf_value(self.prefix, path, leaf)
 
 
 def _check_consistent(nodes: tuple, prefixes: list) -> None:
@@ -354,18 +348,14 @@ def _check_consistent(nodes: tuple, prefixes: list) -> None:
     Raises:
       ValueError: ``Inconsistent aliasing detected.``, listing each occurrence.
     """
-    from refax._transforms._axes import AliasChecker
-
     checker = AliasChecker()
     for node, prefix in zip(nodes, prefixes):
         checker.add(node, _Resolved(prefix))
 
 
-def _leaf_value(prefix: Any, path: tuple, leaf: Any, missing: Any = None) -> Any:
+def leaf_value(prefix: Any, path: tuple, leaf: Any, missing: Any = None) -> Any:
     """The value ``prefix`` gives the state leaf at ``path`` (``missing`` when a State or
     dict prefix has no entry there)."""
-    from refax._object import Pytree
-
     if isinstance(prefix, LeafPrefix):
         return prefix.lookup(path, leaf)
     if isinstance(prefix, Pytree):  # shaped like the object (nnx.prefix(..., graph=False))
@@ -417,3 +407,50 @@ def constrain_outputs(out_shardings: Any, info: Any, values: list, out_other: li
         "for other layouts constrain inside the function (jax.lax.with_sharding_constraint "
         "with nnx.get_partition_spec)."
     )
+
+
+def leaf_axis(prefix: Any, path: tuple, leaf: Any) -> Any:
+    """The axis (or spec) of one state leaf of an object whose prefix is ``prefix``."""
+    if isinstance(prefix, LeafPrefix):
+        return prefix.lookup(path, leaf)
+    return prefix
+
+
+class AliasChecker:
+    """Records, per Variable, the axis each occurrence of its object gives it."""
+
+    def __init__(self) -> None:
+        self.entries: dict[int, tuple[Variable, list[tuple[str, Any]]]] = {}
+
+    def add(self, node: Any, prefix: Any) -> None:
+        """Adds one occurrence of ``node`` with ``prefix``; raises on an inconsistency."""
+        walk = flatten(node, with_paths=True) if not isinstance(node, Variable) else None
+        items = (
+            [(p, leaf) for p, leaf in zip(walk.paths, walk.leaves)]
+            if walk is not None
+            else [((), node)]
+        )
+        for path, leaf in items:
+            if not isinstance(leaf, Variable):
+                continue
+            axis = leaf_axis(prefix, path, leaf)
+            entry = self.entries.setdefault(id(leaf), (leaf, []))
+            entry[1].append((".".join(map(str, path)), axis))
+        self.check()
+
+    def check(self) -> None:
+        bad = [
+            (leaf, items)
+            for leaf, items in self.entries.values()
+            if len({_axis_key(a) for _, a in items}) > 1
+        ]
+        if bad:
+            lines = ["Inconsistent aliasing detected. The following nodes have different prefixes:"]
+            for leaf, items in bad:
+                lines.append(f"Node: {type(leaf).__name__}")
+                lines += [f"  {path}: {axis}" for path, axis in items]
+            raise ValueError("\n".join(lines))
+
+
+def _axis_key(a: Any) -> Any:
+    return ("carry",) if isinstance(a, _CarryType) else a

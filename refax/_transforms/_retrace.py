@@ -23,7 +23,7 @@ from typing import Any
 
 from refax._graph._api import find_duplicates, iter_graph
 from refax._object import Pytree
-from refax._transforms._lift import describe_function
+from refax._transforms._checks import describe_function
 from refax._variables import Variable
 
 __all__ = ["describe_arguments", "explain_retrace"]

@@ -26,6 +26,7 @@ Example (scan over a stack of layers):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import weakref
 from collections.abc import Callable, Mapping
@@ -35,31 +36,36 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from refax._graph._flatten import is_graph_node
 from refax._graph._graphdef import skip
 from refax._transforms._axes import (
-    AliasChecker,
     args_prefixes,
     bind_keywords,
     broadcast_prefix,
     check_input_aliasing,
+)
+from refax._transforms._axis_metadata import insert_axis, partition_name, remove_axis
+from refax._transforms._checks import check_no_input_returned, check_not_bound_method
+from refax._transforms._lift import Static, Step, apply_outputs, input_leaves, split_inputs
+from refax._transforms._prefix import (
+    AliasChecker,
+    Carry,
+    StateAxes,
+    _CarryType,
+    check_prefix,
     leaf_axis,
 )
-from refax._transforms._jit import check_not_bound_method
-from refax._transforms._lift import (
-    Static,
-    apply_outputs,
-    check_no_input_returned,
-    collect_outputs,
-    is_node,
-    rebuild_inputs,
-    resolve_modes,
-    split_inputs,
-)
-from refax._transforms._prefix import Carry, StateAxes, _CarryType, check_prefix
-from refax._transforms._vmap import _insert_axis, _leaf_variables, _partition_name, _remove_axis
 from refax._variables import Variable
 
 __all__ = ["scan"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ScanSettings:
+    """scan's part of a call's static data."""
+
+    value_axes: tuple  # the axis (int), nnx.Carry or None of each state leaf
+    node_prefixes: tuple  # the in_axes prefix of each argument object
 
 
 def _is_carry(a: Any) -> bool:
@@ -158,7 +164,7 @@ class ScanWrapped:
         self.unroll = unroll
         self.in_axes = in_axes
         self.out_axes = out_axes
-        self.partition_name = _partition_name(dict(transform_metadata or {}))
+        self.partition_name = partition_name(transform_metadata)
 
     def __get__(self, obj: Any, objtype: Any = None) -> Any:
         if obj is None:
@@ -178,8 +184,7 @@ class ScanWrapped:
                 f"nnx.scan: keyword arguments {sorted(kwargs)} have no entry in in_axes; pass "
                 "them positionally (scan needs an axis or nnx.Carry for every argument)."
             )
-        graph, updates = resolve_modes(self.graph, self.graph_updates)
-        inputs = split_inputs(args, {}, graph=graph)
+        inputs = split_inputs(args, {}, graph=self.graph, graph_updates=self.graph_updates)
         prefixes = args_prefixes(self.in_axes, args, {})
         node_prefixes = [prefixes[p] for p in inputs.node_pos]
         check_input_aliasing(inputs, node_prefixes)
@@ -196,14 +201,7 @@ class ScanWrapped:
         o_carry = [i for i, a in enumerate(other_axes) if _is_carry(a)]
         o_const = [i for i, a in enumerate(other_axes) if a is None]
         values, other = inputs.values, inputs.other
-        static = Static(
-            (
-                inputs.graphdef,
-                inputs.treedef,
-                inputs.node_pos,
-                (value_axes, tuple(node_prefixes), updates),
-            )
-        )
+        static = inputs.static(ScanSettings(value_axes, tuple(node_prefixes)))
         # Arrays among the broadcast arguments travel in the carry, so the body depends on
         # hashable data only and is kept per structure: JAX then reuses its trace (one trace
         # per argument structure and shapes, as for nnx.jit).
@@ -315,19 +313,21 @@ class ScanWrapped:
         return body, out_layout
 
     def _step(self, static: Static, values: list, other: list):
-        graphdef, _, _, extra = static.value
-        value_axes, node_prefixes, updates = extra
-        args, kwargs, nodes, built = rebuild_inputs(static.value, values, other)
+        step = Step(static.value, values, other)
+        value_axes, node_prefixes = step.settings.value_axes, step.settings.node_prefixes
+        graphdef, nodes, built = step.call.graphdef, step.nodes, step.built
+        leaves = input_leaves(nodes) if step.input_leaves is None else step.input_leaves
         name = self.partition_name
         if name is not None:
-            for var, axis in zip(_leaf_variables(nodes), value_axes):
+            for var, axis in zip(leaves, value_axes):
                 if isinstance(var, Variable) and isinstance(axis, int) and not _is_carry(axis):
-                    _remove_axis(var, axis, name)
-        out = self.fun(*args, **kwargs)
-        if not updates:  # objects are pytrees: a scanned input Variable may not be an output
+                    remove_axis(var, axis, name)
+        out = step.run(self.fun)
+        if not step.call.graph_updates:
+            # objects are pytrees: a scanned input Variable may not be an output
             scanned = [
                 leaf
-                for leaf, a in zip(_leaf_variables(nodes), value_axes)
+                for leaf, a in zip(leaves, value_axes)
                 if isinstance(a, int) and not _is_carry(a)
             ]
             check_no_input_returned("scan", scanned, out)
@@ -338,17 +338,15 @@ class ScanWrapped:
                 for leaf, axis in zip(joint.leaves, value_axes):
                     if isinstance(leaf, Variable) and isinstance(axis, int):
                         if not _is_carry(axis):
-                            _insert_axis(leaf, axis, name)
+                            insert_axis(leaf, axis, name)
 
         carried = tuple(not (isinstance(a, int) and not _is_carry(a)) for a in value_axes)
-        info, new_values, out_other = collect_outputs(
-            graphdef, values, nodes, built, out, every_input=carried, before_walk=before
-        )
-        out_leaves = jax.tree_util.tree_leaves(out, is_leaf=is_node)
+        info, new_values, out_other = step.collect(out, every_input=carried, before_walk=before)
+        out_leaves = jax.tree_util.tree_leaves(out, is_leaf=is_graph_node)
         prefixes = broadcast_prefix(self.out_axes, out, "out_axes")
         if not info.unchanged:
             info.annotation = self._new_object_axes(info, graphdef, built, out_leaves, prefixes)
-        node_out = [(x, a) for x, a in zip(out_leaves, prefixes) if is_node(x)]
+        node_out = [(x, a) for x, a in zip(out_leaves, prefixes) if is_graph_node(x)]
         if node_out:  # an input object returned must keep its axes
             checker = AliasChecker()
             for node, prefix in zip(nodes, node_prefixes):
@@ -357,7 +355,7 @@ class ScanWrapped:
                 checker.add(node, prefix)
         axes = []
         for x, a in zip(out_leaves, prefixes):
-            if is_node(x):
+            if is_graph_node(x):
                 continue
             if a is None:
                 raise ValueError(
@@ -388,7 +386,7 @@ class ScanWrapped:
                 "removed or re-shared attributes); scan needs the same structure at every "
                 "step. Make structural changes outside the scan."
             )
-        node_prefixes = [p for x, p in zip(out_leaves, prefixes) if is_node(x)]
+        node_prefixes = [p for x, p in zip(out_leaves, prefixes) if is_graph_node(x)]
         axes = []
         for path in info.paths[n_in:]:
             if path[0] != 1:

@@ -38,7 +38,7 @@ import jax
 from jax.sharding import PartitionSpec
 
 from refax._transforms._axes import is_spec_leaf
-from refax._transforms._jit import check_not_bound_method
+from refax._transforms._checks import check_not_bound_method
 from refax._transforms._lift import Static, apply_outputs
 from refax._transforms._vmap import MappedWrapped
 

@@ -48,7 +48,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from refax._config import graph_mode_default, graph_updates_default
+from refax._config import resolve_modes
 from refax._filters import to_predicate
 from refax._graph import clone
 from refax._rngs import RngStream, SplitBackups, _streams
@@ -78,14 +78,6 @@ def _first(rules: Rules, path: tuple, stream: RngStream) -> Any:
         if pred(path, stream):
             return (value,)
     return None
-
-
-def _modes(graph: bool | None, graph_updates: bool | None) -> tuple[bool, bool]:
-    """The call's modes: explicit arguments, else the current defaults."""
-    return (
-        graph_mode_default() if graph is None else graph,
-        graph_updates_default() if graph_updates is None else graph_updates,
-    )
 
 
 def _new_state(stream: RngStream, rule: Any, squeeze: bool, make_key: Callable) -> tuple:
@@ -135,8 +127,8 @@ def _copied(node: Any, rules: Rules, squeeze: bool, graph: bool, make_key: Calla
 def _apply(
     node: Any, rules: Rules, squeeze: bool, graph: Any, graph_updates: Any, make_key: Callable
 ) -> Any:
-    g, u = _modes(graph, graph_updates)
-    if g and u:
+    g, u = resolve_modes(graph, graph_updates)
+    if u:
         return _in_place(node, rules, squeeze, make_key)
     return _copied(node, rules, squeeze, g, make_key)
 
@@ -145,8 +137,8 @@ def _decorator(rules: Rules, squeeze: bool, graph: Any, graph_updates: Any, make
     def decorate(fun: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fun)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            g, u = _modes(graph, graph_updates)
-            if g and u:
+            g, u = resolve_modes(graph, graph_updates)
+            if u:
                 with _in_place((args, kwargs), rules, squeeze, make_key):
                     return fun(*args, **kwargs)
             args, kwargs = _copied((args, kwargs), rules, squeeze, g, make_key)

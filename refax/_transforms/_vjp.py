@@ -36,26 +36,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from refax._config import resolve_modes
 from refax._filters import to_predicate
 from refax._graph._api import map as graph_map
+from refax._graph._api import state as graph_state
+from refax._graph._flatten import is_graph_node
 from refax._statelib import State
-from refax._transforms._jit import _input_leaves, check_not_bound_method
-from refax._transforms._lift import (
-    Static,
-    apply_outputs,
-    collect_outputs,
-    is_node,
-    rebuild_inputs,
-    resolve_modes,
-    split_inputs,
-    static_of,
-)
-from refax._transforms._misc import (
+from refax._transforms._checks import (
     check_no_input_outputs,
     check_no_shared,
-    merge_output,
-    split_output,
+    check_not_bound_method,
+    split_aux,
 )
+from refax._transforms._eval_shape import merge_output, split_output
+from refax._transforms._lift import (
+    Static,
+    Step,
+    apply_outputs,
+    input_leaves,
+    split_inputs,
+)
+from refax._transforms._masks import fill, interleave
 from refax._transforms._prefix import DiffState, arg_owners
 from refax._variables import Param, Variable
 
@@ -79,16 +80,6 @@ def _arraylike(x: Any) -> bool:
     return isinstance(x, (jax.Array, np.ndarray, np.generic, bool, int, float, complex))
 
 
-def _interleave(mask: Sequence[bool], a: Sequence[Any], b: Sequence[Any]) -> list[Any]:
-    ia, ib = iter(a), iter(b)
-    return [next(ia) if m else next(ib) for m in mask]
-
-
-def _fill(mask: Sequence[bool], a: Sequence[Any], base: Sequence[Any]) -> list[Any]:
-    ia = iter(a)
-    return [next(ia) if m else x for m, x in zip(mask, base)]
-
-
 def _zero_like(x: Any) -> Any:
     dtype = jnp.result_type(x)
     if jnp.issubdtype(dtype, jnp.inexact):
@@ -100,10 +91,8 @@ def _as_mapping(t: Any) -> Any:
     """A tangent / cotangent given for an object: its nested dict of leaves."""
     if isinstance(t, Variable):
         return t
-    if is_node(t):
-        from refax._graph import state
-
-        t = state(t)
+    if is_graph_node(t):
+        t = graph_state(t)
     return t.raw_mapping if isinstance(t, State) else t
 
 
@@ -134,10 +123,11 @@ class _Split:
         args: tuple,
         preds: dict[int, Any],
         plain_diff: Callable[[int], bool],
-        graph: bool = True,
+        graph: bool | None = True,
+        graph_updates: bool | None = True,
     ):
         self.args = args
-        self.inputs = inputs = split_inputs(args, {}, graph=graph)
+        self.inputs = inputs = split_inputs(args, {}, graph=graph, graph_updates=graph_updates)
         self.owners = owners = arg_owners(inputs, args, {})
         walk = inputs.walk
         mask = []
@@ -153,22 +143,22 @@ class _Split:
         self.nv = [x for m, x in zip(self.value_mask, inputs.values) if not m]
         self.do = [x for m, x in zip(self.other_mask, inputs.other) if m]
         self.no = [None if m else x for m, x in zip(self.other_mask, inputs.other)]
-        self.static = static_of(inputs)
+        self.call = inputs.call()
         node_at = {p: k for k, p in enumerate(inputs.node_pos)}
         self.node_at = node_at
         # per argument: (first flat position, treedef with objects as leaves)
         self.arg_layout = []
         start = 0
         for a in args:
-            treedef = jax.tree_util.tree_structure(a, is_leaf=is_node)
+            treedef = jax.tree_util.tree_structure(a, is_leaf=is_graph_node)
             self.arg_layout.append((start, treedef))
             start += treedef.num_leaves
 
-    def rebuild(self, dv: Sequence[Any], do: Sequence[Any], nv=None, no=None) -> tuple:
-        values = _interleave(self.value_mask, dv, self.nv if nv is None else nv)
-        other = _fill(self.other_mask, do, self.no if no is None else no)
-        args, kwargs, nodes, built = rebuild_inputs(self.static.value, values, other)
-        return values, args, nodes, built
+    def rebuild(self, dv: Sequence[Any], do: Sequence[Any], nv=None, no=None) -> Step:
+        """The inner step on the differentiated leaves ``dv``/``do`` and the others."""
+        values = interleave(self.value_mask, dv, self.nv if nv is None else nv)
+        other = fill(self.other_mask, do, self.no if no is None else no)
+        return Step(self.call, values, other)
 
     def diff_leaves_of(self, k: int) -> list[tuple[int, tuple]]:
         """(index among dv, path inside the node) of the differentiated leaves of node ``k``."""
@@ -271,45 +261,21 @@ class _Split:
 
 
 def _check_no_nodes(out: Any, transform: str) -> None:
-    if any(is_node(x) for x in jax.tree_util.tree_leaves(out, is_leaf=is_node)):
+    if any(is_graph_node(x) for x in jax.tree_util.tree_leaves(out, is_leaf=is_graph_node)):
         raise TypeError(
             f"nnx.{transform}: the differentiated output contains a refax object; it must be "
             "arrays only. Return objects as auxiliary data (has_aux=True) instead."
         )
 
 
-def _unpack(out: Any, has_aux: bool, transform: str) -> tuple[Any, Any]:
-    if not has_aux:
-        return out, None
-    if not (isinstance(out, tuple) and len(out) == 2):
-        raise ValueError(
-            f"nnx.{transform}: has_aux=True requires the function to return a pair "
-            f"(output, aux), got {type(out).__name__}."
-        )
-    return out
-
-
-def _pure_for(
-    sp: _Split, f: Callable[..., Any], has_aux: bool, transform: str, updates: bool = True
-):
-    graphdef = sp.inputs.graphdef
-
+def _pure_for(sp: _Split, f: Callable[..., Any], has_aux: bool, transform: str):
     def pure(dv: list[Any], do: list[Any]) -> tuple[Any, tuple]:
-        values, args, nodes, built = sp.rebuild(dv, do)
-        input_leaves = None if updates else _input_leaves(nodes)
-        out, aux = _unpack(f(*args), has_aux, transform)
+        step = sp.rebuild(dv, do)
+        out, aux = split_aux(step.run(f), has_aux, transform)
         _check_no_nodes(out, transform)
-        if not updates:
-            check_no_input_outputs(nodes, aux, transform)
-        info, new_values, aux_other = collect_outputs(
-            graphdef,
-            values,
-            nodes,
-            built,
-            aux,
-            graph_updates=updates,
-            input_leaves=input_leaves,
-        )
+        if not step.call.graph_updates:
+            check_no_input_outputs(step.nodes, aux, transform)
+        info, new_values, aux_other = step.collect(aux)
         return out, (Static(info), new_values, aux_other)
 
     return pure
@@ -318,11 +284,12 @@ def _pure_for(
 def _split_primals(primals: tuple, graph: bool | None, graph_updates: bool | None, what: str):
     """The split of vjp/jvp primals: ``Param`` state in graph mode with updates, every
     floating-point Variable (gradients shaped like the argument) otherwise."""
-    graph, updates = resolve_modes(graph, graph_updates)
+    updates = resolve_modes(graph, graph_updates)[1]
     pred = _PARAM if updates else _inexact
-    sp = _Split(primals, dict.fromkeys(range(len(primals)), pred), lambda owner: True, graph)
+    preds = dict.fromkeys(range(len(primals)), pred)
+    sp = _Split(primals, preds, lambda owner: True, graph, graph_updates)
     if not updates:
-        check_no_shared(sp.inputs, what)
+        check_no_shared(sp.inputs.walk.num_refs, what)
     return sp, updates
 
 
@@ -362,7 +329,7 @@ def vjp(
         return functools.partial(vjp, f, has_aux=has_aux, graph=graph, graph_updates=graph_updates)
     sp, updates = _split_primals(primals, graph, graph_updates, "vjp")
     out, raw_vjp, (info, new_values, aux_other) = jax.vjp(
-        _pure_for(sp, f, has_aux, "vjp", updates), sp.dv, sp.do, has_aux=True
+        _pure_for(sp, f, has_aux, "vjp"), sp.dv, sp.do, has_aux=True
     )
     aux = apply_outputs(sp.inputs, info.value, new_values, aux_other)
 
@@ -431,7 +398,7 @@ def jvp(
     t_do = [by_pos.get(p) for p in do_pos]
     t_do = [_zero_like(x) if t is None else t for x, t in zip(sp.do, t_do)]
     out, t_out, (info, new_values, aux_other) = jax.jvp(
-        _pure_for(sp, f, has_aux, "jvp", updates), (sp.dv, sp.do), (t_dv, t_do), has_aux=True
+        _pure_for(sp, f, has_aux, "jvp"), (sp.dv, sp.do), (t_dv, t_do), has_aux=True
     )
     aux = apply_outputs(sp.inputs, info.value, new_values, aux_other)
     return (out, t_out, aux) if has_aux else (out, t_out)
@@ -568,9 +535,10 @@ class _CustomVjpCall:
         else:
             preds = {i: to_predicate(filters.get(i, Param)) for i in self.diff_args}
         # tree mode checks sharing itself (one error message for both modes)
-        self.sp = sp = _Split(args, preds, lambda owner: owner not in self.nondiff, True)
+        plain_diff = lambda owner: owner not in self.nondiff  # noqa: E731
+        self.sp = sp = _Split(args, preds, plain_diff, True, not simple)
         if simple:
-            check_no_shared(sp.inputs, "custom_vjp")
+            check_no_shared(sp.inputs.walk.num_refs, "custom_vjp")
         else:
             for pos in sp.inputs.node_pos:
                 if sp.owners[pos] in self.nondiff:
@@ -588,60 +556,45 @@ class _CustomVjpCall:
         self.dv_shapes = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in sp.dv]
         self.res_layout: Any = None
 
-    def _rebuild(self, dv, da, nv, na) -> tuple:
-        no = _fill(self.na_mask, na, self.no_static)
+    def _rebuild(self, dv, da, nv, na) -> Step:
+        no = fill(self.na_mask, na, self.no_static)
         return self.sp.rebuild(dv, da, nv, no)
 
-    def _outputs(self, values, nodes, built, out) -> tuple:
+    def _outputs(self, step: Step, out: Any) -> tuple:
         """The primal output: (Static, output leaves, input leaves written back)."""
-        graphdef = self.sp.inputs.graphdef
-        input_leaves = self._input_leaves
         if self.simple:
-            check_no_input_outputs(nodes, out, "custom_vjp")
-            info, new_values, _ = collect_outputs(
-                graphdef,
-                values,
-                nodes,
-                built,
-                None,
-                graph_updates=False,
-                input_leaves=input_leaves,
-            )
+            check_no_input_outputs(step.nodes, out, "custom_vjp")
+            info, new_values, _ = step.collect(None)
             s, out_values, out_other = split_output(out)
             mask = tuple(x is not None and _arraylike(x) for x in out_other)
             static_other = tuple(None if m else x for m, x in zip(mask, out_other))
             out_arrays = [x for m, x in zip(mask, out_other) if m]
             meta = Static((info, s.value, mask, static_other))
             return meta, (out_values, out_arrays), new_values
-        position = {id(x): i for i, x in enumerate(input_leaves) if isinstance(x, Variable)}
+        leaves = input_leaves(step.nodes)
+        position = {id(x): i for i, x in enumerate(leaves) if isinstance(x, Variable)}
 
         def annotate(joint: Any) -> list[int]:
             # the input leaf each leaf of the joint walk is (-1: new, or not a Variable)
             return [position.get(id(x), -1) for x in joint.leaves]
 
-        info, new_values, out_other = collect_outputs(
-            graphdef, values, nodes, built, out, annotate=annotate
-        )
+        info, new_values, out_other = step.collect(out, annotate=annotate)
         return Static(info), out_other, new_values
 
-    def _call(self, fn, dv, da, nv, na):
-        values, args, nodes, built = self._rebuild(dv, da, nv, na)
-        self._input_leaves = _input_leaves(nodes)
-        return values, nodes, built, fn(*args)
-
     def primal(self, dv, da, nv, na):
-        values, nodes, built, out = self._call(self.cv.fun, dv, da, nv, na)
-        return self._outputs(values, nodes, built, out)
+        step = self._rebuild(dv, da, nv, na)
+        return self._outputs(step, step.run(self.cv.fun))
 
     def forward(self, dv, da, nv, na):
-        values, nodes, built, result = self._call(self.cv.fwd, dv, da, nv, na)
+        step = self._rebuild(dv, da, nv, na)
+        result = step.run(self.cv.fwd)
         if not (isinstance(result, tuple) and len(result) == 2):
             raise ValueError(
                 "nnx.custom_vjp: fwd must return a pair (output, residuals), got "
                 f"{type(result).__name__}."
             )
         out, res = result
-        primal_out = self._outputs(values, nodes, built, out)
+        primal_out = self._outputs(step, out)
         s, res_values, res_other = split_output(res)
         mask = tuple(x is not None and _arraylike(x) for x in res_other)
         self.res_layout = (s.value, mask, [None if m else x for m, x in zip(mask, res_other)])
@@ -709,14 +662,14 @@ class _CustomVjpCall:
         sp = self.sp
         res_values, res_arrays, dv, da, nv, na = residuals
         structure, mask, template = self.res_layout
-        res = merge_output(structure, res_values, _fill(mask, res_arrays, template))
-        _, args, _, _ = self._rebuild(dv, da, nv, na)
+        res = merge_output(structure, res_values, fill(mask, res_arrays, template))
+        args = self._rebuild(dv, da, nv, na).args
         nondiff_args = [args[i] for i in self.nondiff]
         bwd = self.cv.bwd
         if self.simple:
             meta, (g_out_values, g_out_arrays), g_new_values = g
             info, s, out_mask, static_other = meta.value
-            out_g = merge_output(s, g_out_values, _fill(out_mask, g_out_arrays, static_other))
+            out_g = merge_output(s, g_out_values, fill(out_mask, g_out_arrays, static_other))
             kwargs = {}
             if self.cv._bwd_updates_g:
                 kwargs["updates_g"] = self._updates_g_tree(info, g_new_values)
@@ -757,7 +710,7 @@ class _CustomVjpCall:
         info, s, out_mask, static_other = meta.value
         apply_outputs(sp.inputs, info, new_values, [])
         out_values, out_arrays = out
-        return merge_output(s, out_values, _fill(out_mask, out_arrays, static_other))
+        return merge_output(s, out_values, fill(out_mask, out_arrays, static_other))
 
 
 def custom_vjp(

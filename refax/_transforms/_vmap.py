@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from collections.abc import Callable, Mapping
@@ -34,81 +35,50 @@ from typing import Any
 
 import jax
 
+from refax._graph._flatten import is_graph_node
 from refax._transforms._axes import (
-    AliasChecker,
     args_prefixes,
     bind_keywords,
     broadcast_prefix,
     check_input_aliasing,
     is_axis_leaf,
-    leaf_axis,
 )
-from refax._transforms._jit import check_not_bound_method
+from refax._transforms._axis_metadata import (
+    insert_axis,
+    other_fields,
+    partition_name,
+    remove_axis,
+)
+from refax._transforms._checks import (
+    check_no_input_returned,
+    check_not_bound_method,
+    check_not_captured,
+    check_output_types,
+)
 from refax._transforms._lift import (
     Info,
     Inputs,
     Static,
+    Step,
     apply_outputs,
-    check_no_input_returned,
-    check_not_captured,
-    check_output_types,
-    collect_outputs,
-    is_node,
-    rebuild_inputs,
-    resolve_modes,
+    input_leaves,
     split_inputs,
 )
-from refax._transforms._prefix import check_prefix
+from refax._transforms._prefix import AliasChecker, check_prefix, leaf_axis
 from refax._variables import Variable
 
 __all__ = ["vmap", "VmapWrapped", "MappedWrapped"]
 
-_SHARDING_KEY = "out_sharding"
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class MapSettings:
+    """The mapping transforms' part of a call's static data."""
 
-def _partition_name(transform_metadata: Mapping[str, Any]) -> Any:
-    from refax._transforms._prefix import PARTITION_NAME
-
-    return transform_metadata.get(PARTITION_NAME) if transform_metadata else None
-
-
-def _remove_axis(var: Variable, axis: int, name: Any = None, extra: Mapping = {}) -> None:  # noqa: B006
-    var.remove_axis(axis, name)  # the Variable type's own callback (hooks, overrides)
-    _axis_fields(var, axis, extra, insert=False)
-    names = var._var_metadata.get(_SHARDING_KEY)
-    if isinstance(names, tuple) and -len(names) <= axis < len(names):
-        axis %= len(names)
-        names = names[:axis] + names[axis + 1 :]
-        var._var_metadata = {**var._var_metadata, _SHARDING_KEY: names}
-        var._frozen = None
-
-
-def _axis_fields(var: Variable, axis: int, extra: Mapping, *, insert: bool) -> None:
-    """Inserts (removes) ``extra[key]`` at ``axis`` of each tuple metadata ``key`` of ``var``
-    (the ``transform_metadata`` entries besides ``PARTITION_NAME``)."""
-    for key, field in extra.items():
-        t = var._var_metadata.get(key)
-        if isinstance(t, tuple) and t:
-            if insert:
-                i = axis if axis >= 0 else len(t) + 1 + axis
-                t = (*t[:i], *(None,) * (i - len(t)), field, *t[i:])
-            elif not -len(t) <= axis < len(t) or t[axis] != field:
-                raise ValueError(f"Expected {field!r} at index {axis} of {key}={t!r}.")
-            else:
-                i = axis % len(t)
-                t = t[:i] + t[i + 1 :]
-            var.set_metadata(key, t)
-
-
-def _insert_axis(var: Variable, axis: int, name: Any, extra: Mapping = {}) -> None:  # noqa: B006
-    _axis_fields(var, axis, extra, insert=True)
-    names = var._var_metadata.get(_SHARDING_KEY)
-    if isinstance(names, tuple):
-        axis = axis if axis >= 0 else len(names) + 1 + axis
-        names = (*names[:axis], name, *names[axis:])
-        var._var_metadata = {**var._var_metadata, _SHARDING_KEY: names}
-        var._frozen = None
-    var.add_axis(axis, name)
+    value_axes: tuple  # the axis (or PartitionSpec) of each state leaf
+    node_prefixes: tuple  # the in-prefix of each argument object
+    static_args: tuple = ()  # pmap's static_broadcasted_argnums (see _static_args)
+    value_mask: tuple = ()  # pmap's donated state leaves
+    other_mask: tuple = ()  # pmap's donated other leaves
 
 
 class MappedWrapped:
@@ -140,12 +110,11 @@ class MappedWrapped:
 
     # -- outside ---------------------------------------------------------------------------
     def _prepare(
-        self, args: tuple, kwargs: dict, in_prefix: Any, extra: Any = ()
+        self, args: tuple, kwargs: dict, in_prefix: Any, static_args: tuple = ()
     ) -> tuple[Inputs, tuple, list, Static]:
         """Splits the arguments; returns (inputs, value_axes, other_axes, static)."""
-        graph, updates = resolve_modes(self.graph, self.graph_updates)
         args, kwargs = bind_keywords(self.fun, args, kwargs, in_prefix)
-        inputs = split_inputs(args, kwargs, graph=graph)
+        inputs = split_inputs(args, kwargs, graph=self.graph, graph_updates=self.graph_updates)
         prefixes = args_prefixes(in_prefix, args, kwargs, is_leaf=self._is_leaf, what=self._in_what)
         node_prefixes = [prefixes[p] for p in inputs.node_pos]
         check_input_aliasing(inputs, node_prefixes)
@@ -155,23 +124,15 @@ class MappedWrapped:
             for leaf, path in zip(walk.leaves, walk.paths)
         )
         other_axes = [None if x is None else a for x, a in zip(inputs.other, prefixes)]
-        static = Static(
-            (
-                inputs.graphdef,
-                inputs.treedef,
-                inputs.node_pos,
-                (value_axes, tuple(node_prefixes), extra, updates),
-                graph,
-            )
-        )
+        static = inputs.static(MapSettings(value_axes, tuple(node_prefixes), static_args))
         return inputs, value_axes, other_axes, static
 
     def _every_input_for(self, updates: bool) -> bool:
-        """Whether every input leaf comes back (``collect_outputs``' ``every_input``)."""
+        """Whether every input leaf comes back (``Step.collect``'s ``every_input``)."""
         return self._every_input
 
-    def _call_fun(self, args: tuple, kwargs: dict, extra: Any) -> Any:
-        return self.fun(*args, **kwargs)
+    def _call_fun(self, step: Step) -> Any:
+        return step.run(self.fun)
 
     # -- inside ----------------------------------------------------------------------------
     def _trace(
@@ -182,33 +143,34 @@ class MappedWrapped:
         Returns ``(info, new_values, out_other, value_out_axes, other_out_axes)``: the axis of
         every returned state value and of every other output leaf (None where a node stood).
         """
-        graphdef, extra = static.value[0], static.value[3]
-        value_axes, node_prefixes, call_extra, updates = extra  # per call, not on the wrapper
-        graph_mode = static.value[4] if len(static.value) > 4 else True
-        args, kwargs, nodes, built = rebuild_inputs(static.value, values, other)
+        step = Step(static.value, values, other)
+        call, settings = step.call, step.settings
+        value_axes, node_prefixes = settings.value_axes, settings.node_prefixes
         name = self.partition_name
         if name is not None:
-            for leaf_var, axis in zip(_leaf_variables(nodes), value_axes):
+            leaves = step.input_leaves
+            for leaf_var, axis in zip(
+                input_leaves(step.nodes) if leaves is None else leaves, value_axes
+            ):
                 if isinstance(leaf_var, Variable) and isinstance(axis, int):
-                    _remove_axis(leaf_var, axis, name, self.axis_metadata)
-        input_leaves = None if updates else _leaf_variables(nodes)
-        out = self._call_fun(args, kwargs, call_extra)
-        transform = type(self).__name__.removesuffix("Wrapped").lower()
+                    remove_axis(leaf_var, axis, name, self.axis_metadata)
+        out = self._call_fun(step)
+        transform = self._transform
         check_output_types(self.fun, out, transform)
-        if not graph_mode:
-            check_no_input_returned(transform, input_leaves, out)
+        if not call.graph:
+            check_no_input_returned(transform, step.input_leaves, out)
 
-        out_leaves = jax.tree_util.tree_leaves(out, is_leaf=is_node)
+        out_leaves = jax.tree_util.tree_leaves(out, is_leaf=is_graph_node)
         out_prefixes = broadcast_prefix(self.out_prefix, out, self._out_what, self._is_leaf)
-        node_out = [p for p, x in zip(out_prefixes, out_leaves) if is_node(x)]
-        out_nodes = [x for x in out_leaves if is_node(x)]
+        node_out = [p for p, x in zip(out_prefixes, out_leaves) if is_graph_node(x)]
+        out_nodes = [x for x in out_leaves if is_graph_node(x)]
         # an input object (or an object reachable from one) returned as an output must keep
         # its axes
-        reachable = {id(n) for n in built}
-        check_not_captured(transform, out_nodes, built, updates)
+        reachable = {id(n) for n in step.built}
+        check_not_captured(transform, out_nodes, step.built, call.graph_updates)
         if any(id(n) in reachable for n in out_nodes):
             checker = AliasChecker()
-            for node, prefix in zip(nodes, node_prefixes):
+            for node, prefix in zip(step.nodes, node_prefixes):
                 checker.add(node, prefix)
             for node, prefix in zip(out_nodes, node_out):
                 if id(node) in reachable:
@@ -224,19 +186,13 @@ class MappedWrapped:
         def before(joint: Any) -> None:
             for leaf, axis in zip(joint.leaves, leaf_axes(joint)):
                 if isinstance(leaf, Variable) and isinstance(axis, int):
-                    _insert_axis(leaf, axis, name, self.axis_metadata)
+                    insert_axis(leaf, axis, name, self.axis_metadata)
 
-        info, new_values, out_other = collect_outputs(
-            graphdef,
-            values,
-            nodes,
-            built,
+        info, new_values, out_other = step.collect(
             out,
-            every_input=self._every_input_for(updates),
+            every_input=self._every_input_for(call.graph_updates),
             before_walk=before if name is not None else None,
             annotate=leaf_axes,
-            graph_updates=updates,
-            input_leaves=input_leaves,
         )
         if info.unchanged:
             value_out = [value_axes[i] for i in info.changed]
@@ -274,10 +230,8 @@ class VmapWrapped(MappedWrapped):
         self.axis_name = axis_name
         self.axis_size = axis_size
         self.spmd_axis_name = spmd_axis_name
-        self.partition_name = _partition_name(dict(transform_metadata or {}))
-        self.axis_metadata = {
-            k: v for k, v in (transform_metadata or {}).items() if k != "partition_name"
-        }
+        self.partition_name = partition_name(transform_metadata)
+        self.axis_metadata = other_fields(transform_metadata)
 
     def _pure(self, cells: tuple[list, list, list], static: Static, values: list, other: list):
         info, new_values, out_other, value_out, other_out = self._trace(static, values, other)
@@ -337,12 +291,6 @@ def _name_the_state_leaf(error: ValueError, info_cell: list, inputs: Any) -> Val
         "across the mapped axis; map it (an int axis) or keep its update independent of the "
         "mapped inputs."
     )
-
-
-def _leaf_variables(nodes: tuple) -> list[Any]:
-    from refax._graph._flatten import flatten
-
-    return flatten(nodes).leaves
 
 
 def vmap(

@@ -29,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import logging
 import numbers
 import warnings
@@ -42,9 +43,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from refax._filters import All, to_predicate
-from refax._graph import iter_graph, merge, split, update
+from refax._graph import iter_graph
 from refax._object import Module
 from refax._rngs import Rngs, RngState, RngStream
+from refax._transforms._jit import jit
+from refax._transforms._prefix import Carry as CarryMarker
+from refax._transforms._prefix import StateAxes
+from refax._transforms._scan import scan
+from refax._variables import Variable, _set_raw
 from refax.nn import _checks, dtypes, initializers
 from refax.nn.activations import sigmoid, tanh
 from refax.nn.dtypes import PromoteDtypeFn
@@ -832,75 +838,60 @@ class RNN(Module):
         return (carry, outputs) if return_carry else outputs
 
     def _scan(self, carry: Carry, xs: Array, seq_lengths: Array | None) -> tuple[Carry, Any]:
-        """Scans the cell over the leading axis of ``xs``; writes its final state back."""
+        """Scans the cell over the leading axis of ``xs`` (``nnx.scan``, which writes the
+        carried and scanned state back into the cell)."""
         rules = self.state_axes
         if self.broadcast_rngs is not None:
             rules = ((All(RngState, self.broadcast_rngs), None), *rules)
+        freeze = seq_lengths is not None
+        try:
+            run = _cell_scan(rules, self.unroll, freeze)
+        except TypeError:  # unhashable filters: build the scan afresh on every call
+            run = _cell_scan.__wrapped__(rules, self.unroll, freeze)
+        start = (jnp.zeros((), jnp.int32), carry if freeze else None, seq_lengths)
         with _broadcast_rng_streams(self.cell, self.broadcast_rngs):
-            graphdef, *states = split(self.cell, *(f for f, _ in rules))
-            static = (graphdef, rules, self.unroll)
-            try:
-                hash(static)
-            except TypeError:  # unhashable filters: trace the scan afresh on every call
-                run = _scan_cell
-            else:  # same structure and options: reuse the compiled scan
-                run = _scan_cell_jit
-            new_states, carry, outputs = run(*static, states, carry, xs, seq_lengths)
-        if new_states:  # carried and scanned states; broadcast ones are read-only
-            update(self.cell, *new_states)
-        return carry, outputs
+            (carry, (_, last, _)), outputs = run(self.cell, (carry, start), xs)
+        return (last if freeze else carry), outputs
 
 
-def _scan_cell(
-    graphdef: Any,
-    rules: tuple[tuple[Any, Any], ...],
-    unroll: int | bool,
-    states: list[Any],
-    carry: Carry,
-    xs: Array,
-    seq_lengths: Array | None,
-) -> tuple[list[Any], Carry, Any]:
-    """``lax.scan`` of the cell ``merge(graphdef, *states)`` over the leading axis of ``xs``.
+@functools.lru_cache(maxsize=64)
+def _cell_scan(rules: tuple[tuple[Any, Any], ...], unroll: int | bool, freeze: bool) -> Any:
+    """``nnx.jit(nnx.scan(step))`` of a cell over the leading axis of its input, for one set
+    of state rules (kept, so JAX reuses the trace and the compilation).
 
-    ``rules[i]`` gives the scan axis of ``states[i]``. Returns the carried and scanned states
-    after the scan, the final carry (with ``seq_lengths``: the carry after each sequence's
-    last valid step) and the stacked outputs.
+    ``rules`` map filters to the scan axis of the cell's state: an int (scanned), ``None``
+    (broadcast: every step sees the initial values, updates are dropped) or a carry marker.
+    The loop state is ``(cell_carry, (step, last_valid_carry, seq_lengths))``.
     """
-    filters = [f for f, _ in rules]
-    axes = [a for _, a in rules]
-    carried = [i for i, a in enumerate(axes) if _is_carry_axis(a)]
-    scanned = [i for i, a in enumerate(axes) if isinstance(a, numbers.Integral)]
+    axes = StateAxes({f: CarryMarker if _is_carry_axis(a) else a for f, a in rules})
+    preds = tuple((to_predicate(f), a is None) for f, a in rules)
+    has_broadcast = any(b for _, b in preds)
 
-    def body(loop: Any, x: Any) -> tuple[Any, Any]:
-        carried_states, cell_carry, (step, last) = loop
-        sliced_states, x_t = x
-        parts = list(states)
-        for i, st in (*zip(carried, carried_states), *zip(scanned, sliced_states)):
-            parts[i] = st
-        # copy=True: broadcast States are closed over and must not be mutated in the body.
-        cell = merge(graphdef, *parts, copy=True)
-        new_carry, y = cell(cell_carry, x_t)
-        _, *new_states = split(cell, *filters)
-        if seq_lengths is not None:
-            valid = step < seq_lengths
+    def step(cell: Any, loop: Any, x: Any) -> tuple[Any, Any]:
+        cell_carry, (t, last, seq_lengths) = loop
+        kept = _broadcast_values(cell, preds) if has_broadcast else ()
+        new_carry, y = cell(cell_carry, x)
+        for var, value in kept:  # broadcast state: the next step sees the initial values
+            _set_raw(var, value)
+        if freeze:
+            valid = t < seq_lengths
             last = jax.tree.map(lambda n, o: jnp.where(_time_mask(valid, n), n, o), new_carry, last)
-        new_loop = ([new_states[i] for i in carried], new_carry, (step + 1, last))
-        return new_loop, ([new_states[i] for i in scanned], y)
+        return (new_carry, (t + 1, last, seq_lengths)), y
 
-    sliced = [jax.tree.map(lambda v, a=axes[i]: jnp.moveaxis(v, a, 0), states[i]) for i in scanned]
-    last = carry if seq_lengths is not None else None
-    init = ([states[i] for i in carried], carry, (jnp.zeros((), jnp.int32), last))
-    (final_states, carry, (_, last)), (stacked, outputs) = jax.lax.scan(
-        body, init, (sliced, xs), unroll=unroll
-    )
-    stacked = [
-        jax.tree.map(lambda v, a=axes[i]: jnp.moveaxis(v, 0, a), st)
-        for i, st in zip(scanned, stacked)
-    ]
-    return [*final_states, *stacked], (carry if seq_lengths is None else last), outputs
+    return jit(scan(step, in_axes=(axes, CarryMarker, 0), out_axes=(CarryMarker, 0), unroll=unroll))
 
 
-_scan_cell_jit = jax.jit(_scan_cell, static_argnums=(0, 1, 2))
+def _broadcast_values(cell: Any, preds: tuple) -> list[tuple[Variable, Any]]:
+    """The cell's Variables whose first matching rule broadcasts them, with their values."""
+    kept = []
+    for path, var in iter_graph(cell):
+        if isinstance(var, Variable):
+            for pred, broadcast in preds:
+                if pred(path, var):
+                    if broadcast:
+                        kept.append((var, var._raw_value))
+                    break
+    return kept
 
 
 def _concatenate(a: Array, b: Array) -> Array:

@@ -10,15 +10,10 @@ import pytest
 from jax.experimental import checkify as checkify_lib
 
 import refax as nnx
-from refax._transforms._misc import (
-    cached_partial,
-    checkify,
-    checkpoint,
-    eval_shape,
-    jit_partial,
-    make_jaxpr,
-    remat,
-)
+from refax._transforms._checkify import checkify
+from refax._transforms._eval_shape import eval_shape, make_jaxpr
+from refax._transforms._jit import cached_partial, jit_partial
+from refax._transforms._remat import checkpoint, remat
 
 
 class MLP(nnx.Module):

@@ -12,7 +12,7 @@ try:
     from refax import remat
 except ImportError:  # not exported yet
     try:
-        from refax._transforms._misc import remat
+        from refax._transforms._remat import remat
     except ImportError:
         remat = None
 
