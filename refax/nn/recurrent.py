@@ -43,7 +43,7 @@ import numpy as np
 
 from refax._filters import All, to_predicate
 from refax._graph import iter_graph, merge, split, update
-from refax._object import Module
+from refax._module import Module
 from refax._rngs import Rngs, RngState, RngStream
 from refax.nn import _checks, dtypes, initializers
 from refax.nn.activations import sigmoid, tanh
