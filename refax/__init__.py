@@ -36,8 +36,6 @@ from refax._graph import flatten as flatten
 from refax._graph import graphdef as graphdef
 from refax._graph import iter_children as iter_children
 from refax._graph import iter_graph as iter_graph
-from refax._graph import iter_module_children as iter_module_children
-from refax._graph import iter_modules as iter_modules
 from refax._graph import map as map
 from refax._graph import merge as merge
 from refax._graph import merge_context as merge_context
@@ -53,9 +51,11 @@ from refax._graph import unpack as unpack
 from refax._graph import update as update
 from refax._graph import update_context as update_context
 from refax._graph import variables as variables
+from refax._module import M as M
+from refax._module import Module as Module
+from refax._module import iter_module_children as iter_module_children
+from refax._module import iter_modules as iter_modules
 from refax._object import Data as Data
-from refax._object import M as M
-from refax._object import Module as Module
 from refax._object import Object as Object
 from refax._object import Pytree as Pytree
 from refax._object import Static as Static

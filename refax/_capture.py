@@ -51,8 +51,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from refax._graph import iter_modules
-from refax._object import _CAPTURES, Module
+from refax._module import _CAPTURES, Module, iter_modules
 from refax._statelib import State, split_state
 from refax._variables import Variable
 

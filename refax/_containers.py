@@ -18,10 +18,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping, MutableSequence
 from typing import Any
 
-from refax._object import Module, _check_static, _Marker
+from refax._module import Module
+from refax._object import _STATE_ATTR, _check_static, _Marker
 from refax._tracers import bump_epoch
-
-_STATE_ATTR = "_pytree__state"
 
 _Entry = tuple[Any, "str | None"]  # (item, 'data' | 'static' | None: its nnx.data/static mark)
 

@@ -9,7 +9,7 @@ than one element are abbreviated to their shape and dtype. An Object reached a s
 
 Example:
   >>> import jax.numpy as jnp
-  >>> from refax._object import Module
+  >>> from refax._module import Module
   >>> from refax._variables import BatchStat, Param
   >>> class Norm(Module):
   ...   def __init__(self):
@@ -35,7 +35,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from refax._object import Module, Pytree, is_data
+from refax._module import Module
+from refax._object import _STATE_ATTR, Pytree, is_data
 from refax._variables import _DEFAULT_METADATA, DISPLAY, Variable, _human_bytes, _size_bytes
 
 __all__ = ["display", "object_repr", "treescope_object", "treescope_variable", "max_repr_depth"]
@@ -43,7 +44,6 @@ __all__ = ["display", "object_repr", "treescope_object", "treescope_variable", "
 #: Nesting depth past which Objects, Variables and arrays are shown as ``Type(...)``.
 max_repr_depth: int | None = None
 
-_STATE_ATTR = "_pytree__state"
 Stats = dict[type, tuple[int, int]]  # Variable type -> (element count, bytes)
 
 
@@ -194,7 +194,7 @@ def object_repr(obj: Pytree) -> str:
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from refax._object import Module
+      >>> from refax._module import Module
       >>> from refax._variables import Param
       >>> class Block(Module):
       ...   def __init__(self):
@@ -259,7 +259,7 @@ def treescope_object(obj: Pytree, path: str | None, subtree_renderer: Any) -> An
 
     Example:
       >>> import treescope
-      >>> from refax._object import Module
+      >>> from refax._module import Module
       >>> class Empty(Module): pass
       >>> treescope.render_to_text(Empty())
       'Empty()'
@@ -307,7 +307,7 @@ def display(*args: Any) -> None:
     """Shows each argument: with treescope in a notebook, else by printing its text repr.
 
     Example:
-      >>> from refax._object import Module
+      >>> from refax._module import Module
       >>> class Empty(Module): pass
       >>> display(Empty(), 3)
       Empty()

@@ -1,4 +1,4 @@
-"""Objects and Modules: plain mutable Python classes whose attributes form an object graph.
+"""Objects: plain mutable Python classes whose attributes form an object graph.
 
 An ``Object`` is an ordinary Python object: subclass it, assign attributes in ``__init__`` and
 mutate them whenever you like. Attributes may hold Variables, other Objects, JAX or NumPy arrays
@@ -17,6 +17,11 @@ Two rules keep reference semantics sound under JAX tracing:
 
 ``Pytree`` subclasses (``Module`` included) are also registered as JAX pytrees: their data
 attributes are the children, static attributes the auxiliary data. ``Object`` never is.
+
+This module is the object layer: it sits on the Variables and below the graph
+(``refax._graph``), and owns the per-object bookkeeping (:class:`ObjectState`, stored under
+``_STATE_ATTR`` in each object's ``__dict__``). ``Module``, whose helpers walk the graph, lives
+above it in ``refax._module``.
 
 Example:
   >>> import jax.numpy as jnp
@@ -40,7 +45,7 @@ import sys
 import threading
 import typing
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Annotated, Any, TypeVar
 
@@ -48,21 +53,13 @@ import jax
 import numpy as np
 
 from refax import _kinds
-from refax._filters import to_predicate
 from refax._tracers import bump_epoch, current_trace
-from refax._variables import (
-    DISPLAY,
-    Intermediate,
-    Perturbation,
-    Variable,
-    variable_type_from_name,
-)
+from refax._variables import DISPLAY, Variable
 from refax.errors import TraceContextError
 
 __all__ = [
     "Pytree",
     "Object",
-    "Module",
     "ObjectState",
     "data",
     "static",
@@ -75,10 +72,10 @@ __all__ = [
     "check_pytree",
 ]
 
-M = TypeVar("M", bound="Module")
 _MISSING = object()
+# The key under which an object's ObjectState lives in its ``__dict__``; the graph, views,
+# containers and display import it from here.
 _STATE_ATTR = "_pytree__state"
-_CAPTURES = "__captures__"  # set by refax.capture on every Module it runs (see _capture.py)
 
 
 class _InitFlag(threading.local):
@@ -752,200 +749,3 @@ def _pytree_unflatten(cls: type, aux: Any, children: Any) -> Any:
     marks = (static_names, data_marks) if static_names or data_marks else None
     d[_STATE_ATTR] = new_object_state(current_trace(), marks)
     return obj
-
-
-# -- Module --------------------------------------------------------------------------------
-def _record_error(
-    action: str, module: Module, name: str, existing: Any, variable_type: type
-) -> ValueError:
-    """The error of ``sow`` / ``perturb`` when attribute ``name`` holds something else."""
-    where = f"{type(module).__name__}.{name}"
-    if not isinstance(existing, Variable):
-        return ValueError(
-            f"Cannot {action} {where}: expected the attribute to be a Variable, got "
-            f"{type(existing).__name__}. Use another name, or delete the attribute first."
-        )
-    return ValueError(
-        f"Cannot {action} {where}: expected the attribute to be of type "
-        f"{variable_type.__name__}, got {type(existing).__name__}. Use another name, or the "
-        f"attribute's own Variable type."
-    )
-
-
-def _tuple_reduce(xs: Any, x: Any) -> tuple:
-    return (*xs, x)
-
-
-def _tuple_init() -> tuple:
-    return ()
-
-
-class Module(Pytree):
-    """Base class for layers and models.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> from refax import nnx
-      >>> class Scale(nnx.Module):
-      ...   def __init__(self):
-      ...     self.s = nnx.Param(jnp.array(2.0))
-      ...   def __call__(self, x):
-      ...     self.sow(nnx.Intermediate, 'seen', x)
-      ...     return x * self.s
-      >>> m = Scale()
-      >>> m(jnp.array(3.0))
-      Array(6., dtype=float32, weak_type=True)
-      >>> m.seen.value
-      (Array(3., dtype=float32, weak_type=True),)
-    """
-
-    def sow(
-        self,
-        variable_type: type[Variable] | str,
-        name: str,
-        value: Any,
-        reduce_fn: Callable[[Any, Any], Any] = _tuple_reduce,
-        init_fn: Callable[[], Any] = _tuple_init,
-    ) -> bool:
-        """Records ``value`` under ``name``, folding repeated calls with ``reduce_fn``.
-
-        Inside :func:`refax.capture` the value goes to the capture's collection for
-        ``variable_type`` (returned by ``capture``); when that type is not being captured
-        the call does nothing and returns False. Outside ``capture`` the value is stored in a
-        Variable attribute ``name`` of this Module (created on the first call).
-
-        Args:
-          variable_type: the Variable type (or its registered name) of the record, usually
-            :class:`Intermediate`.
-          name: the key of the record.
-          value: the value to record.
-          reduce_fn: ``reduce_fn(previous, value)`` gives the new record (default: append to
-            a tuple).
-          init_fn: gives the ``previous`` of the first call (default: an empty tuple).
-
-        Returns:
-          True if the value was recorded.
-        """
-        if isinstance(variable_type, str):
-            variable_type = variable_type_from_name(variable_type, allow_register=True)
-        captures = self.__dict__.get(_CAPTURES)
-        if captures is not None:
-            for var in captures:
-                if type(var) is variable_type:
-                    records = var.get_value()
-                    previous = records[name] if name in records else init_fn()
-                    var.set_value({**records, name: reduce_fn(previous, value)})
-                    return True
-            return False
-        existing = self.__dict__.get(name, _MISSING)
-        if existing is _MISSING:
-            setattr(self, name, variable_type(reduce_fn(init_fn(), value)))
-        elif isinstance(existing, variable_type):
-            existing.set_value(reduce_fn(existing.get_value(), value))
-        else:
-            raise _record_error("sow into", self, name, existing, variable_type)
-        return True
-
-    def perturb(
-        self, name: str, value: Any, variable_type: type[Variable] | str = Perturbation
-    ) -> Any:
-        """Returns ``value`` plus a perturbation ``name`` (zeros at first) to take gradients at.
-
-        Inside :func:`refax.capture` the perturbation comes from the capture's collection for
-        ``variable_type`` (its ``init=`` State, or zeros recorded on the first call); when
-        that type is not being captured, ``value`` is returned unchanged. Outside ``capture``
-        it is a Variable attribute ``name`` of this Module. Gradients with respect to the
-        perturbation are gradients with respect to the intermediate ``value``.
-
-        Args:
-          name: the key of the perturbation.
-          value: the intermediate value (an array or pytree of arrays).
-          variable_type: the Variable type (or its registered name) of the perturbation.
-
-        Returns:
-          ``value + perturbation``: use it in place of ``value``.
-        """
-        import jax.numpy as jnp
-
-        if isinstance(variable_type, str):
-            variable_type = variable_type_from_name(variable_type, allow_register=True)
-        captures = self.__dict__.get(_CAPTURES)
-        if captures is not None:
-            for var in captures:
-                if type(var) is variable_type:
-                    records = var.get_value()
-                    if name not in records:
-                        records = {**records, name: jax.tree.map(jnp.zeros_like, value)}
-                        var.set_value(records)
-                    return jax.tree.map(jnp.add, records[name], value)
-            return value
-        existing = self.__dict__.get(name, _MISSING)
-        if existing is _MISSING:
-            setattr(self, name, variable_type(jax.tree.map(jnp.zeros_like, value)))
-            existing = self.__dict__[name]
-        elif not isinstance(existing, variable_type):
-            raise _record_error("perturb", self, name, existing, variable_type)
-        return jax.tree.map(jnp.add, existing.get_value(), value)
-
-    def iter_modules(self) -> Iterator[tuple[tuple, Module]]:
-        """Yields ``(path, module)`` for every Module reachable from this one, root first."""
-        from refax._graph import iter_modules
-
-        return iter_modules(self)
-
-    def iter_children(self) -> Iterator[tuple[Any, Any]]:
-        """Yields ``(key, child)`` for the direct graph-node children (Modules, Variables)."""
-        from refax._graph import iter_children
-
-        return iter_children(self)
-
-    def set_attributes(
-        self,
-        *filters: Any,
-        raise_if_not_found: bool = True,
-        graph: bool | None = None,
-        **attributes: Any,
-    ) -> None:
-        """Sets attributes on every sub-Module (matching ``filters``, default all) that has them.
-
-        Raises ValueError naming the attributes no Module had, unless ``raise_if_not_found``
-        is False. ``graph`` selects the traversal mode (None reads the default).
-        """
-        from refax._graph import iter_modules  # the graph layer builds on objects
-
-        preds = [to_predicate(f) for f in filters]
-        remaining = set(attributes)
-        modules = self.iter_modules() if graph is None else iter_modules(self, graph=graph)
-        for path, module in modules:
-            if preds and not any(p(path, module) for p in preds):
-                continue
-            for name, value in attributes.items():
-                if hasattr(module, name):
-                    setattr(module, name, value)
-                    remaining.discard(name)
-        if remaining and raise_if_not_found:
-            raise ValueError(
-                "Could not find at least one instance of the following attributes: "
-                f"{sorted(remaining)} among the sub-Modules of {type(self).__name__} (matching "
-                "the filters). Check the names, or pass raise_if_not_found=False to skip them."
-            )
-
-    def train(self, **attributes: Any) -> None:
-        """Training mode: ``deterministic=False``, ``use_running_average=False`` everywhere."""
-        self.set_attributes(
-            deterministic=False, use_running_average=False, **attributes, raise_if_not_found=False
-        )
-
-    def eval(self, **attributes: Any) -> None:
-        """Evaluation mode: ``deterministic=True``, ``use_running_average=True`` everywhere."""
-        self.set_attributes(
-            deterministic=True, use_running_average=True, **attributes, raise_if_not_found=False
-        )
-
-    def set_view(self, **kwargs: Any) -> None:  # overridden by layers that have view flags
-        """Hook used by ``nnx.view``; the base Module accepts no view arguments."""
-        if kwargs:
-            raise ValueError(f"{type(self).__name__}.set_view got unknown {sorted(kwargs)}")
-
-
-_ = Intermediate  # re-exported for sow's default users

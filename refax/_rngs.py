@@ -16,7 +16,7 @@ Seeds may be ints, typed key arrays (``jax.random.key``), raw ``uint32`` key dat
 
 Example:
   >>> import jax.numpy as jnp
-  >>> from refax._object import Module
+  >>> from refax._module import Module
   >>> from refax._variables import Param
   >>> from refax._rngs import Rngs
   >>> class Linear(Module):
@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from refax._filters import to_predicate
+from refax._graph import iter_graph
 from refax._object import Pytree
 from refax._variables import Variable
 
@@ -434,8 +435,6 @@ jax.tree_util.register_pytree_node(
 
 
 def _streams(node: Any, graph: bool | None) -> Iterator[tuple[tuple, RngStream]]:
-    from refax._graph import iter_graph
-
     for path, value in iter_graph(node, graph=graph):
         if isinstance(value, RngStream):
             yield path, value

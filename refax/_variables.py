@@ -51,6 +51,7 @@ import numpy as np
 
 from refax import _refs
 from refax._refs import VarDefaults, default_modes, is_array_ref, var_defaults
+from refax._sharding import shard_new_value
 from refax._tracers import bump_epoch, current_trace
 from refax.errors import TraceContextError
 
@@ -393,10 +394,13 @@ class Variable(Generic[A]):
             _set_raw(self, value)
         if self._custom_create:
             _set_raw(self, self.create_value(value))
-        if "out_sharding" in meta:  # eager sharding; lazy import (refax.spmd imports us)
-            from refax.spmd import _shard_new_variable
-
-            _shard_new_variable(self, metadata)
+        if "out_sharding" in meta:  # eager sharding (refax._sharding)
+            raw = self._raw_value
+            sharded, resolved = shard_new_value(raw, meta, "eager_sharding" in metadata)
+            if resolved is not None:
+                _set_meta(self, resolved)
+            if sharded is not raw:
+                _set_raw(self, sharded)
         if sp is not None and sp.refs:
             _set_raw(self, _refs.to_refs(self._raw_value))
 
@@ -446,7 +450,7 @@ class Variable(Generic[A]):
         ts = self._trace_state
         cur = current_trace()
         if ts is not cur and ts != cur:
-            raise TraceContextError.for_object(self)
+            raise TraceContextError.for_variable(self)
 
     def _check_writable(self) -> None:
         """The trace check of a value write: skipped when the write goes into JAX references,

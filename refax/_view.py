@@ -43,9 +43,11 @@ import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from refax._config import graph_mode_default
 from refax._filters import to_predicate
 from refax._graph import iter_graph
-from refax._object import Module, ObjectState, Pytree, new_object_state
+from refax._module import Module
+from refax._object import _STATE_ATTR, ObjectState, Pytree, new_object_state
 from refax._tracers import current_trace
 from refax._variables import Variable
 from refax.typing import Filter
@@ -53,7 +55,6 @@ from refax.typing import Filter
 __all__ = ["view", "view_info", "with_attributes"]
 
 A = TypeVar("A")
-_STATE_ATTR = "_pytree__state"
 
 
 # -- copying: new Objects and containers, the same Variables -----------------------------------
@@ -116,8 +117,6 @@ class _Copier:
 
 def _graph_mode(graph: bool | None) -> bool:
     if graph is None:
-        from refax._config import graph_mode_default
-
         return graph_mode_default()
     return graph
 

@@ -36,17 +36,26 @@ class TraceContextError(RefaxError, RuntimeError):
 
     @classmethod
     def for_object(cls, obj: object) -> TraceContextError:
-        """The error for mutating ``obj``: the documented message, plus a note with the fix.
+        """The error for mutating the Object ``obj``: the documented message, plus a note with
+        the fix.
 
         ``str(error)`` is exactly the message the documented API prints; the fix is attached
         as an exception note, which tracebacks show.
         """
-        name = type(obj).__name__
-        if isinstance(obj, _variable_types()):
-            # The Variable wording is the one the transforms guide records.
-            message = f"Cannot mutate {name} from a different trace level ({cls.DOCS})"
-        else:
-            message = f"Cannot mutate '{name}' from different trace level ({cls.DOCS})"
+        return cls._with_note(
+            f"Cannot mutate '{type(obj).__name__}' from different trace level ({cls.DOCS})", obj
+        )
+
+    @classmethod
+    def for_variable(cls, var: object) -> TraceContextError:
+        """Like :meth:`for_object`, for the Variable ``var`` (the wording the transforms guide
+        records for Variables)."""
+        return cls._with_note(
+            f"Cannot mutate {type(var).__name__} from a different trace level ({cls.DOCS})", var
+        )
+
+    @classmethod
+    def _with_note(cls, message: str, obj: object) -> TraceContextError:
         error = cls(message)
         error.add_note(
             f"The {type(obj).__name__} was created outside the current JAX transform and "
@@ -54,12 +63,6 @@ class TraceContextError(RefaxError, RuntimeError):
             "transformed function instead."
         )
         return error
-
-
-def _variable_types() -> tuple[type, ...]:
-    from refax._variables import Variable  # errors is imported by _variables
-
-    return (Variable,)
 
 
 class ImmutableVariableError(RefaxError, ValueError):

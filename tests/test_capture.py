@@ -8,7 +8,7 @@ from flax import nnx as F
 
 from refax import nnx
 from refax._capture import capture
-from refax._object import _CAPTURES
+from refax._module import _CAPTURES
 from tests._oracle import assert_trees_close, pure
 
 X = jax.random.normal(jax.random.key(0), (2, 3))

@@ -7,7 +7,8 @@ import treescope
 
 from refax import _display
 from refax._display import display, object_repr
-from refax._object import Module, Object
+from refax._module import Module
+from refax._object import Object
 from refax._variables import BatchStat, Param
 
 LINEAR_REPR = """\

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from refax import _rngs as R
-from refax._object import Module
+from refax._module import Module
 from refax._variables import Param
 
 

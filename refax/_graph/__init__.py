@@ -11,8 +11,6 @@ from refax._graph._api import find_duplicates as find_duplicates
 from refax._graph._api import graphdef as graphdef
 from refax._graph._api import iter_children as iter_children
 from refax._graph._api import iter_graph as iter_graph
-from refax._graph._api import iter_module_children as iter_module_children
-from refax._graph._api import iter_modules as iter_modules
 from refax._graph._api import map as map
 from refax._graph._api import merge as merge
 from refax._graph._api import pop as pop
@@ -72,8 +70,6 @@ __all__ = [
     "is_graph_node",
     "iter_children",
     "iter_graph",
-    "iter_module_children",
-    "iter_modules",
     "map",
     "merge",
     "pop",

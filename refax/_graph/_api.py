@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from refax._config import graph_mode_default
 from refax._filters import filters_to_predicates, to_predicate
-from refax._graph import _cache
+from refax._graph import _cache, _graphdef
 from refax._graph._flatten import (
     FlattenResult,
     flatten,
@@ -21,17 +21,16 @@ from refax._graph._flatten import (
     sorted_keys,
     tree_children,
 )
-from refax._graph._graphdef import ARR, VAR, GraphDef
+from refax._graph._graphdef import ARR, VAR, GraphDef, _CallProxy
 from refax._graph._plan import _Mismatch, run_plan
 from refax._graph._unflatten import as_dict, merge_dicts, unflatten
-from refax._object import Module, Pytree
+from refax._object import _STATE_ATTR, Pytree
 from refax._statelib import FlatState, State, from_flat_state
 from refax._tracers import EPOCH, current_trace
 from refax._variables import Variable, _set_raw
 from refax.errors import GraphStructureError
 
 A = TypeVar("A")
-_STATE_ATTR = "_pytree__state"
 _API_KEY = "api"  # key prefix of split/state/graphdef walks in ObjectState.walks
 _MISSING_ARG: Any = object()
 
@@ -551,13 +550,6 @@ def _met_twice(value: Any, first: tuple, second: tuple) -> ValueError:
     )
 
 
-def iter_modules(node: Any, *, graph: bool | None = None) -> Iterator[tuple[tuple, Module]]:
-    """Yields ``(path, module)`` for every Module reachable from ``node`` (root last)."""
-    for path, value in iter_graph(node, graph=graph):
-        if isinstance(value, Module):
-            yield path, value
-
-
 def iter_children(node: Any, *, graph: bool | None = None) -> Iterator[tuple[Any, Any]]:
     """Yields ``(key, child)`` for the immediate graph-node children of ``node``."""
     tree_mode = not (graph_mode_default() if graph is None else graph)
@@ -565,13 +557,6 @@ def iter_children(node: Any, *, graph: bool | None = None) -> Iterator[tuple[Any
         raise not_a_pytree_error(node, ())
     for key, value in _children(node):
         if is_graph_node(value):
-            yield key, value
-
-
-def iter_module_children(node: Any, *, graph: bool | None = None) -> Iterator[tuple[Any, Module]]:
-    """Like :func:`iter_children`, but only Module children."""
-    for key, value in iter_children(node, graph=graph):
-        if isinstance(value, Module):
             yield key, value
 
 
@@ -749,34 +734,9 @@ def unpack(node: Any, *filters: Any, graph: bool | None = None) -> GraphState | 
     return out[0] if len(out) == 1 else out
 
 
-class _CallProxy:
-    """Functional calls: ``proxy.method(*args)`` returns ``(out, (graphdef, state))``."""
-
-    def __init__(self, graphdef: GraphDef, states: tuple, path: tuple = ()):
-        self._graphdef, self._states, self._path = graphdef, states, path
-
-    def __getattr__(self, name: str) -> _CallProxy:
-        return _CallProxy(self._graphdef, self._states, (*self._path, name))
-
-    def __getitem__(self, key: Any) -> _CallProxy:
-        return _CallProxy(self._graphdef, self._states, (*self._path, _Item(key)))
-
-    def __call__(self, *args: Any, **kwargs: Any) -> tuple[Any, tuple[GraphDef, State]]:
-        node = merge(self._graphdef, *self._states)
-        fn = node
-        for name in self._path:
-            fn = fn[name.key] if isinstance(name, _Item) else getattr(fn, name)
-        out = fn(*args, **kwargs)
-        return out, split(node)
-
-
-class _Item:
-    """A ``[key]`` step of a :class:`_CallProxy` path."""
-
-    __slots__ = ("key",)
-
-    def __init__(self, key: Any):
-        self.key = key
+# GraphDef.apply's functional calls run these (see _graphdef.API)
+_graphdef.API.merge = merge
+_graphdef.API.split = split
 
 
 def call(graph_state: tuple[GraphDef, Any], /) -> _CallProxy:

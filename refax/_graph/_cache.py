@@ -31,12 +31,11 @@ from typing import Any
 
 from refax import _filters
 from refax._graph._flatten import FlattenResult, tree_children
-from refax._object import Pytree
+from refax._object import _STATE_ATTR, Pytree
 from refax._tracers import EPOCH, bump_epoch
 from refax._variables import Variable
 
 _MAX_PER_OBJECT = 8
-_STATE_ATTR = "_pytree__state"
 _END = object()  # closes the value sequence, so a longer or shorter one never matches
 _SEEN = object()  # marks a key walked once (cached from its second walk on)
 _STRUCTURAL_FILTER_TYPES = (

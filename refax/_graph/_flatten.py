@@ -40,12 +40,11 @@ from refax._kinds import (
     all_static,
     kind_of,
 )
-from refax._object import Pytree
+from refax._object import _STATE_ATTR, Pytree
 from refax._statelib import State
 from refax._variables import Variable
 from refax.errors import FilterError, UnhashableStaticError
 
-_STATE_ATTR = "_pytree__state"
 _ARR_ENTRY = (ARR,)
 _is = operator.is_
 

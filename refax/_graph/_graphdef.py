@@ -31,7 +31,7 @@ hashing run in C; the hash is cached.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -157,8 +157,6 @@ class GraphDef:
 
         Each call returns ``(output, (graphdef, state))`` with the updated state.
         """
-        from refax._graph._api import _CallProxy
-
         return _CallProxy(self, (state, *states))
 
     def __repr__(self) -> str:
@@ -169,6 +167,58 @@ class GraphDef:
         return (GraphDef, (self.ops, self.num_leaves, self.num_nodes, self.outer, self.tree))
 
 
+# -- functional calls: GraphDef.apply and refax.call ------------------------------------------
+def _not_installed(*args: Any, **kwargs: Any) -> Any:
+    raise RuntimeError("GraphDef.apply needs refax._graph._api: import refax (or refax._graph)")
+
+
+class _GraphFunctions:
+    """``merge`` and ``split`` for :class:`_CallProxy`, installed by ``refax._graph._api`` when
+    it is imported: they build on GraphDef, so this module cannot import them. Importing any
+    module of ``refax._graph`` runs the package's ``__init__``, which imports ``_api``, so they
+    are in place before a GraphDef exists (the one upward reference in the graph package)."""
+
+    __slots__ = ("merge", "split")
+
+    def __init__(self) -> None:
+        self.merge: Callable[..., Any] = _not_installed
+        self.split: Callable[..., Any] = _not_installed
+
+
+API = _GraphFunctions()
+
+
+class _CallProxy:
+    """Functional calls: ``proxy.method(*args)`` returns ``(out, (graphdef, state))``."""
+
+    def __init__(self, graphdef: GraphDef, states: tuple, path: tuple = ()):
+        self._graphdef, self._states, self._path = graphdef, states, path
+
+    def __getattr__(self, name: str) -> _CallProxy:
+        return _CallProxy(self._graphdef, self._states, (*self._path, name))
+
+    def __getitem__(self, key: Any) -> _CallProxy:
+        return _CallProxy(self._graphdef, self._states, (*self._path, _Item(key)))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> tuple[Any, tuple[GraphDef, Any]]:
+        node = API.merge(self._graphdef, *self._states)
+        fn = node
+        for name in self._path:
+            fn = fn[name.key] if isinstance(name, _Item) else getattr(fn, name)
+        out = fn(*args, **kwargs)
+        return out, API.split(node)
+
+
+class _Item:
+    """A ``[key]`` step of a :class:`_CallProxy` path."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key: Any):
+        self.key = key
+
+
+# -- node descriptors (GraphDef.nodes) --------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class NodeDef:
     """A graph node in ``GraphDef.nodes``: an Object (``type`` its class, ``index`` its node

@@ -31,12 +31,11 @@ from refax._graph._graphdef import (
     arity,
     entry_keys,
 )
-from refax._object import ObjectState, new_object_state
+from refax._object import _STATE_ATTR, ObjectState, new_object_state
 from refax._statelib import State
 from refax._tracers import current_trace
 from refax._variables import Variable
 
-_STATE_ATTR = "_pytree__state"
 _MISSING = object()
 _new = object.__new__
 _MAX_HEIGHT = 12  # levels a builder covers (its recursion depth)

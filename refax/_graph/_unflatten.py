@@ -32,13 +32,12 @@ from refax._graph._graphdef import (
     arity,
     entry_keys,
 )
-from refax._object import new_object_state
+from refax._object import _STATE_ATTR, new_object_state
 from refax._statelib import State
 from refax._tracers import bump_epoch, current_trace
 from refax._variables import Variable, _set_frozen, _set_meta, _set_raw
 from refax.errors import GraphStructureError
 
-_STATE_ATTR = "_pytree__state"
 _MISSING = object()
 
 

@@ -43,7 +43,7 @@ from jax.nn import softplus as softplus
 from jax.nn import standardize as standardize
 from jax.nn import swish as swish
 
-from refax._object import Module
+from refax._module import Module
 from refax._variables import Param
 from refax.nn import dtypes
 from refax.nn.dtypes import PromoteDtypeFn

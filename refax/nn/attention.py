@@ -39,7 +39,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from refax._object import Module, data
+from refax._module import Module
+from refax._object import data
 from refax._rngs import Rngs, RngStream
 from refax._variables import Cache, Intermediate
 from refax.nn import _checks, dtypes, initializers

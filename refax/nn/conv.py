@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from refax._object import Module
+from refax._module import Module
 from refax._variables import Param
 from refax.nn import _checks, dtypes, initializers
 from refax.nn.dtypes import PromoteDtypeFn

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from refax._object import Module
+from refax._module import Module
 from refax._variables import Param, VariableMetadata
 from refax.nn import _checks, dtypes, initializers
 from refax.nn.dtypes import PromoteDtypeFn

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from refax._object import Module
+from refax._module import Module
 from refax._rngs import Rngs
 from refax._variables import Param, Variable
 from refax.nn import _checks, dtypes, initializers

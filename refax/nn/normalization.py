@@ -34,7 +34,7 @@ import numpy as np
 from jax import lax
 
 from refax._filters import PathContains
-from refax._object import Module
+from refax._module import Module
 from refax._variables import BatchStat, Param
 from refax.nn import _checks, dtypes, initializers
 from refax.nn.dtypes import PromoteDtypeFn

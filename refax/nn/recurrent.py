@@ -44,7 +44,7 @@ import numpy as np
 
 from refax._filters import All, to_predicate
 from refax._graph import iter_graph
-from refax._object import Module
+from refax._module import Module
 from refax._rngs import Rngs, RngState, RngStream
 from refax._transforms._jit import jit
 from refax._transforms._prefix import Carry as CarryMarker

@@ -15,7 +15,7 @@ import inspect
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from refax._object import Module
+from refax._module import Module
 
 if TYPE_CHECKING:
     from refax._rngs import Rngs

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from refax._object import Module
+from refax._module import Module
 from refax._rngs import Rngs, RngStream
 from refax.nn import _checks
 

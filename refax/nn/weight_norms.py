@@ -25,7 +25,7 @@ from jax import lax
 
 from refax._filters import to_predicate
 from refax._graph import state as graph_state
-from refax._object import Module
+from refax._module import Module
 from refax._statelib import to_flat_state
 from refax._variables import BatchStat, Param, Variable
 from refax.nn import _checks, dtypes, initializers

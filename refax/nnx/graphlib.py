@@ -3,8 +3,14 @@
 from typing import Any as _Any
 
 from refax._graph import *  # noqa: F403
-from refax._graph import __all__ as __all__  # noqa: F401
+from refax._graph import __all__ as _graph_all
 from refax._graph._flatten import tree_children as _tree_children
+from refax._module import iter_module_children as iter_module_children
+from refax._module import iter_modules as iter_modules
+
+# the Module iteration helpers live above the graph (refax/_module.py); the reference has
+# them here too
+__all__ = [*_graph_all, "iter_module_children", "iter_modules"]
 
 
 def _flatten_pytree(pytree: _Any) -> tuple[list[tuple[_Any, _Any]], _Any]:

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from refax._filters import to_predicate
 from refax._graph import GraphState
 from refax._graph import state as _state
 from refax._graph import update as _update
@@ -110,8 +111,6 @@ def _wrap_opt_state(opt_state: Any, params: State) -> Any:
 
 def _only_wrt(grads: State, wrt: Any) -> State:
     """The gradients of the optimised Variables (grads may cover more, e.g. all Params)."""
-    from refax._filters import to_predicate
-
     pred = to_predicate(wrt)
     flat = grads.flat_state()
     if all(isinstance(v, Variable) for v in flat.leaves):

@@ -41,7 +41,8 @@ from refax._graph import iter_graph as _iter_graph
 from refax._graph import merge as _merge
 from refax._graph import split as _split
 from refax._graph import update as _update
-from refax._object import Module, Pytree
+from refax._module import Module
+from refax._object import Pytree
 from refax._statelib import State, to_flat_state
 from refax._variables import Variable
 

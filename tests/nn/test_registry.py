@@ -28,7 +28,7 @@ import pytest
 
 import refax.nn as nn
 from refax import nnx
-from refax._object import Module
+from refax._module import Module
 from refax._rngs import Rngs
 from tests._oracle import assert_trees_close, pure
 

@@ -22,6 +22,7 @@ except ImportError as _err:  # pragma: no cover - exercised in a subprocess test
         "refax.nnx.bridge needs Flax's Linen, which is not installed: pip install refax[linen]"
     ) from _err
 
+import refax.errors as _refax_errors
 from refax.nnx.bridge import interop as interop
 from refax.nnx.bridge import module as module
 from refax.nnx.bridge import variables as variables
@@ -37,6 +38,7 @@ from refax.nnx.bridge._module import AttrPriority as AttrPriority
 from refax.nnx.bridge._module import Module as Module
 from refax.nnx.bridge._module import Scope as Scope
 from refax.nnx.bridge._module import compact as compact
+from refax.nnx.bridge._module import linen_errors as _linen_errors
 from refax.nnx.bridge._variables import NNXMeta as NNXMeta
 from refax.nnx.bridge._variables import to_linen_var as to_linen_var
 from refax.nnx.bridge._variables import to_nnx_var as to_nnx_var
@@ -52,13 +54,10 @@ def _expose_linen_errors() -> None:
     """Makes Linen's error classes (``ScopeParamNotFoundError``, ...) reachable as
     ``refax.errors.X`` too, so code written against ``flax.errors`` keeps its ``except``
     clauses after the import change. refax's own error classes are never replaced."""
-    import refax.errors as refax_errors
-    from refax.nnx.bridge._module import linen_errors
-
-    for name in dir(linen_errors):
-        cls = getattr(linen_errors, name)
-        if isinstance(cls, type) and issubclass(cls, Exception) and name not in vars(refax_errors):
-            setattr(refax_errors, name, cls)
+    for name in dir(_linen_errors):
+        cls = getattr(_linen_errors, name)
+        if isinstance(cls, type) and issubclass(cls, Exception) and name not in vars(_refax_errors):
+            setattr(_refax_errors, name, cls)
 
 
 _expose_linen_errors()

@@ -34,6 +34,7 @@ from flax.core import meta as linen_meta
 from flax.core import scope as linen_scope
 
 import refax as _nnx
+from refax._object import _STATE_ATTR
 from refax._rngs import RngState
 from refax._variables import Variable, VariableMetadata, variable_type_from_name
 from refax.nnx.bridge import _context
@@ -226,7 +227,7 @@ class Module(_nnx.Module, pytree=False, metaclass=_ModuleMeta):
         if name == "scope":
             return None
         d = self.__dict__
-        if not name.startswith("_") and "_pytree__state" in d and not d.get(_SETUP_DONE):
+        if not name.startswith("_") and _STATE_ATTR in d and not d.get(_SETUP_DONE):
             self._try_setup()
             if name in self.__dict__:
                 return self.__dict__[name]
