@@ -298,7 +298,26 @@ def value_and_grad(
 ) -> Any:
     """Lifted ``jax.value_and_grad``: ``(value, grads)``, or ``((value, aux), grads)``.
 
-    Takes the same arguments as :func:`grad`.
+    Works like :func:`grad` but also returns the function's value, computed in the same pass.
+    Object arguments are differentiated with respect to their Variables (``Param`` s by
+    default), and every update the function makes to the arguments' objects (new Variable
+    values, and structural changes in graph mode) propagates back to the caller's objects.
+
+    Args:
+      f: the function; omit it to use ``nnx.value_and_grad(...)`` as a decorator.
+      argnums: which arguments to differentiate: an int, a :class:`DiffState` (argument plus
+        a filter of its Variables), or a sequence of them.
+      has_aux: ``f`` returns ``(value, aux)``; aux may hold objects.
+      holomorphic, allow_int: as for ``jax.value_and_grad``.
+      graph: ``False`` selects tree mode: objects are handled as pytrees and a shared
+        reference among the arguments is an error. None reads ``nnx.set_graph_mode``.
+      graph_updates: ``False`` propagates only Variable values, not structural changes, and
+        differentiates as ``jax.value_and_grad`` on the argument's pytree. None reads
+        ``nnx.set_graph_updates``.
+
+    Returns:
+      A function returning ``(value, grads)``, or ``((value, aux), grads)`` with ``has_aux``;
+      ``grads`` is shaped as for :func:`grad`.
 
     Example:
       >>> import jax.numpy as jnp

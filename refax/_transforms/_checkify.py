@@ -28,8 +28,13 @@ def checkify(
 ) -> Callable[..., tuple[Any, A]]:
     """Lifted ``jax.experimental.checkify.checkify``: ``(error, output)`` instead of raising.
 
+    The checked function runs once; objects among its arguments are rebuilt inside and every
+    update it makes to them (new Variable values and structural changes) propagates back to
+    the caller's objects, whether a check failed or not. ``err.throw()`` raises the first
+    failed check, if any.
+
     Args:
-      f: the function to check; may take and return objects (state updates propagate).
+      f: the function to check; may take and return objects.
       errors: the set of checks to enable (``checkify.user_checks`` by default, i.e.
         ``checkify.check`` calls; also ``checkify.float_checks``, ``index_checks``, ...).
       graph: ``False`` selects tree mode: objects are pytrees, and an object or Variable

@@ -180,6 +180,11 @@ def cond(
 ) -> A:
     """Lifted ``jax.lax.cond``: ``true_fun(*operands)`` if ``pred`` else ``false_fun(*operands)``.
 
+    The operands may hold objects. The branch that runs gets them rebuilt, and the updates it
+    makes (new Variable values, and structural changes that every branch makes alike)
+    propagate back to the caller's objects. Both branches are traced, so they must return the
+    same output structure and leave the operands' graph structure the same.
+
     Args:
       pred: a boolean scalar.
       true_fun: called when ``pred`` is true.
@@ -203,6 +208,9 @@ def cond(
       >>> nnx.cond(jnp.array(False), double, lambda v: None, v)
       >>> float(v.value)
       1.0
+      >>> nnx.cond(jnp.array(True), double, lambda v: None, v)
+      >>> float(v.value)
+      2.0
     """
     return _select(
         "cond",
@@ -222,6 +230,12 @@ def switch(
     graph_updates: bool | None = None,
 ) -> A:
     """Lifted ``jax.lax.switch``: ``branches[index](*operands)`` (``index`` clamped).
+
+    The operands may hold objects. The branch that runs gets them rebuilt, and the updates it
+    makes (new Variable values, and structural changes that every branch makes alike)
+    propagate back to the caller's objects. Every branch is traced, so they must all return
+    the same output structure and leave the operands' graph structure the same. An ``index``
+    out of range selects the first or the last branch.
 
     Args:
       index: an integer scalar selecting the branch.

@@ -315,7 +315,14 @@ def prefix(
       graph: in tree mode (False) the result has the structure of ``node`` (objects are
         pytrees), usable with ``jax.vmap`` too; in graph mode each object becomes a
         :class:`TreeState` (objects reached twice are numbered once, as a graph transform
-        sees them), which refax's transforms read leaf by leaf.
+        sees them), which refax's transforms read leaf by leaf. None reads
+        ``nnx.set_graph_mode``.
+
+    Returns:
+      ``node`` with each state leaf (Variable) replaced by its prefix value: in tree mode a
+      pytree shaped like ``node``, in graph mode each object replaced by a
+      :class:`TreeState`. Pass it (or put it inside a larger prefix) as ``in_axes``,
+      ``in_shardings``, ... of a transform.
 
     Raises:
       ValueError: when no filter matches a leaf.

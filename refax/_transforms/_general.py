@@ -47,6 +47,10 @@ def split_inputs(f: F = _MISSING, *, ctxtag: Hashable = _DEFAULT_TAG) -> Any:
       f: the transformed function; omit it to use ``split_inputs(ctxtag=...)`` as a decorator.
       ctxtag: the update context's tag; the matching :func:`merge_inputs` must use the same.
 
+    Returns:
+      The lifted function, taking and returning objects (or a decorator when ``f`` is
+      omitted). After each call the argument objects hold the state ``f`` left in them.
+
     Example:
       >>> import jax, jax.numpy as jnp
       >>> from refax import nnx
@@ -92,6 +96,10 @@ def merge_inputs(f: F = _MISSING, *, ctxtag: Hashable = _DEFAULT_TAG) -> Any:
     Args:
       f: the user function; omit it to use ``merge_inputs(ctxtag=...)`` as a decorator.
       ctxtag: the update context's tag; the matching :func:`split_inputs` must use the same.
+
+    Returns:
+      The inner function: it takes pure trees and returns ``(args, out)`` as pure trees (or
+      a decorator when ``f`` is omitted).
 
     Example:
       >>> import jax, jax.numpy as jnp

@@ -489,7 +489,17 @@ def cached_partial(
     overhead. refax's lifted transforms already cache that traversal per tuple of argument
     identities (see ``_lift.py``) and reuse it while the objects' structure is unchanged, so
     a plain ``functools.partial`` is as fast; unlike the documented API, the objects'
-    structure may change between calls.
+    structure may change between calls. Each call passes the same objects, so the updates
+    ``f`` makes to them (if ``f`` is a lifted transform) accumulate across calls.
+
+    Args:
+      f: the function, usually a lifted transform such as an ``nnx.jit`` function.
+      *cached_args: the first positional arguments, fixed for every call.
+      graph, graph_updates: accepted for API compatibility but not used (``f`` applies its
+        own modes).
+
+    Returns:
+      ``functools.partial(f, *cached_args)``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -525,13 +535,34 @@ def jit_partial(
     partial arguments propagate after each call; values may change between calls without
     retracing (refax's ``jit`` caches the graph walk per argument identity).
 
+    Args:
+      fun: the function to jit.
+      *partial_args: its first positional arguments, fixed for every call (may hold
+        objects; in tree mode they are checked for shared references here).
+      in_shardings, out_shardings, static_argnums, static_argnames, donate_argnums,
+        donate_argnames, keep_unused, device, backend, inline: as for :func:`jit`,
+        with indices counting the partial arguments first.
+      graph: ``False`` selects tree mode: objects are handled as pytrees and a shared
+        reference among the arguments is an error. None reads ``nnx.set_graph_mode``.
+      graph_updates: ``False`` propagates only Variable values, not structural changes.
+        None reads ``nnx.set_graph_updates``.
+
+    Returns:
+      The jitted function of the remaining arguments (with ``lower``).
+
     Example:
       >>> import jax.numpy as jnp
       >>> from refax import nnx
       >>> model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
-      >>> step = nnx.jit_partial(lambda m, x: m(x).sum(), model)
+      >>> def step(model, x):
+      ...   model.bias.value += 1.0
+      ...   return model(x)
+      >>> step = nnx.jit_partial(step, model)
       >>> step(jnp.ones((4, 2))).shape
-      ()
+      (4, 3)
+      >>> _ = step(jnp.ones((4, 2)))
+      >>> model.bias.value
+      Array([2., 2., 2.], dtype=float32)
     """
     jitted = jit(
         fun,

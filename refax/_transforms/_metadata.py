@@ -65,6 +65,9 @@ def transform_metadata(
       partition: the mesh axis name of the mapped axis (None only runs the callbacks).
       graph: graph mode for finding the Variables (None reads the default).
 
+    Returns:
+      The wrapped function, or a decorator when ``f`` is omitted.
+
     Example:
       >>> import jax
       >>> from refax import nnx

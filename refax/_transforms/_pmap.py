@@ -194,25 +194,56 @@ def pmap(
     graph: bool | None = None,
     graph_updates: bool | None = None,
 ) -> Any:
-    """Lifted ``jax.pmap``: objects in arguments and outputs, ``StateAxes`` prefixes.
+    """Lifted ``jax.pmap``: runs ``f`` on several devices at once, over objects too.
+
+    The arguments are split along their ``in_axes`` across the devices, as in ``jax.pmap``;
+    an object argument is split like a pytree of its Variables (axis 0), replicated
+    (``None``), or per kind of Variable with a :class:`StateAxes`. Updates made on the
+    devices (new Variable values, and structural changes) propagate back to the caller's
+    objects: a mapped Variable comes back stacked along its axis, a replicated one takes the
+    value of the first device. Objects created inside come back stacked along their
+    ``out_axes`` entry. Usable as ``@nnx.pmap``, ``@nnx.pmap(...)`` or ``nnx.pmap(f, ...)``,
+    also on methods in a class body.
 
     Args:
-      f: the function (``@nnx.pmap`` and ``@nnx.pmap(...)`` both work, also on methods in a
-        class body).
-      axis_name: name of the mapped axis for collectives (``jax.lax.psum`` ...).
-      in_axes, out_axes: prefixes as for :func:`nnx.vmap <refax.vmap>` (int, ``None`` or
-        :class:`StateAxes` for an object).
+      f: the function; omit it to use ``nnx.pmap(...)`` as a decorator.
+      axis_name: a name for the mapped axis, for collectives such as ``jax.lax.psum``.
+      in_axes: a prefix of the arguments, as for :func:`nnx.vmap <refax.vmap>` (an int,
+        ``None`` or, for an object, a :class:`StateAxes`).
+      out_axes: a prefix of the output, likewise.
       static_broadcasted_argnums: positional arguments passed as static (hashable) values.
       devices, backend: as for ``jax.pmap``.
       axis_size: the number of devices; also lets a function without mapped arguments run
         (e.g. creating objects on every device).
-      donate_argnums: donate the buffers of these positional arguments (their Variables).
+      donate_argnums: positional arguments whose buffers (their Variables') are donated.
       global_arg_shapes: not supported by the installed JAX; must be ``None``.
       transform_metadata: ``{nnx.PARTITION_NAME: name}`` as for ``nnx.vmap``.
       graph: ``False`` selects tree mode: objects are pytrees, and an object or Variable
         reachable twice among the arguments is an error. ``None`` reads the default.
       graph_updates: ``False`` propagates only the values of the arguments' Variables, not
         structural changes. ``None`` reads the default.
+
+    Returns:
+      The parallel function.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from refax import nnx
+      >>> class Model(nnx.Module):
+      ...   def __init__(self, rngs):
+      ...     self.linear = nnx.Linear(2, 3, rngs=rngs)
+      ...     self.calls = nnx.BatchStat(jnp.array(0))
+      ...   def __call__(self, x):
+      ...     self.calls += 1
+      ...     return self.linear(x)
+      >>> @nnx.pmap(in_axes=(None, 0), axis_name='devices')
+      ... def forward(model, x):
+      ...   return jax.lax.pmean(model(x), 'devices')
+      >>> n = jax.local_device_count()
+      >>> model = Model(nnx.Rngs(0))
+      >>> y = forward(model, jnp.ones((n, 4, 2)))
+      >>> y.shape == (n, 4, 3), int(model.calls.value)
+      (True, 1)
     """
     if global_arg_shapes is not None:
         raise ValueError(

@@ -177,7 +177,37 @@ def _name(f: Any) -> str:
 
 
 class StateSharding(_FilterMap):
-    """Per-Variable shardings for one object argument of ``jit`` / ``shard_map``."""
+    """Per-Variable shardings for one object argument of ``jit`` / ``shard_map``.
+
+    An object is a single argument but holds Variables of many kinds and shapes, which often
+    need different layouts. Given as the object's entry of ``in_shardings`` /
+    ``out_shardings`` (``nnx.jit``) or ``in_specs`` / ``out_specs`` (``nnx.shard_map``), a
+    ``StateSharding`` gives each Variable of the object the sharding (or ``PartitionSpec``)
+    of the first filter that matches it; a Variable that no filter matches is an error, so
+    end with a catch-all ``...`` entry.
+
+    Args:
+      mapping: an ordered mapping ``{filter: sharding}`` (or a sequence of such pairs);
+        filters are Variable types, path filters such as ``nnx.PathContains``, ``...`` and
+        the other ``nnx`` filters. A ``State`` of shardings, shaped like the object's state,
+        is accepted too.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jax.sharding import Mesh, PartitionSpec as P
+      >>> from refax import nnx
+      >>> n = jax.device_count()
+      >>> mesh = Mesh(jax.devices(), ('model',))
+      >>> sharding = nnx.StateSharding({nnx.PathContains('kernel'): P(None, 'model'),
+      ...                               ...: P('model')})
+      >>> @nnx.shard_map(mesh=mesh, in_specs=(sharding, P()), out_specs=P(None, 'model'))
+      ... def forward(model, x):
+      ...   assert model.kernel.shape == (2, 2)  # this device's block of columns
+      ...   return model(x)
+      >>> model = nnx.Linear(2, 2 * n, rngs=nnx.Rngs(0))
+      >>> forward(model, jnp.ones((1, 2))).shape == (1, 2 * n)
+      True
+    """
 
     @property
     def shardings(self) -> tuple[Any, ...]:
@@ -186,7 +216,37 @@ class StateSharding(_FilterMap):
 
 
 class StateAxes(_FilterMap):
-    """Per-Variable axes (int, ``None`` to broadcast, or ``Carry``) for vmap/pmap/scan."""
+    """Per-Variable axes (int, ``None`` to broadcast, or ``Carry``) for vmap/pmap/scan.
+
+    Given as an object's entry of ``in_axes`` / ``out_axes`` (``nnx.vmap``, ``nnx.pmap``,
+    ``nnx.scan``), a ``StateAxes`` gives each Variable of the object the axis of the first
+    filter that matches it: an int maps (or scans) the Variable over that axis, ``None``
+    broadcasts it, and ``nnx.Carry`` (``nnx.scan`` only) carries it from step to step. A
+    Variable that no filter matches is an error, so end with a catch-all ``...`` entry.
+
+    Args:
+      mapping: an ordered mapping ``{filter: axis}`` (or a sequence of such pairs); filters
+        are Variable types, path filters such as ``nnx.PathContains``, ``...`` and the other
+        ``nnx`` filters.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from refax import nnx
+      >>> class Model(nnx.Module):
+      ...   def __init__(self):
+      ...     self.w = nnx.Param(jnp.ones(3))
+      ...     self.count = nnx.BatchStat(jnp.zeros(4))  # one entry per lane
+      >>> axes = nnx.StateAxes({nnx.BatchStat: 0, ...: None})
+      >>> @nnx.vmap(in_axes=(axes, 0))
+      ... def step(model, x):
+      ...   model.count += x.sum()
+      ...   return model.w * x
+      >>> model = Model()
+      >>> step(model, jnp.arange(12.0).reshape(4, 3)).shape
+      (4, 3)
+      >>> model.count.value
+      Array([ 3., 12., 21., 30.], dtype=float32)
+    """
 
     @property
     def axes(self) -> tuple[Any, ...]:
@@ -195,7 +255,22 @@ class StateAxes(_FilterMap):
 
 
 class _CarryType:
-    """Marks the carried argument or output of ``nnx.scan``."""
+    """``nnx.Carry``: marks the carried argument or output of ``nnx.scan``.
+
+    In ``in_axes`` / ``out_axes`` of :func:`nnx.scan <refax.scan>`, ``nnx.Carry`` marks the
+    argument (and the output) passed from one step to the next rather than scanned over; it
+    may appear at most once on each side. Inside a :class:`StateAxes` it carries the matching
+    Variables of an object. ``nnx.Carry`` is a single constant; it takes no arguments.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from refax import nnx
+      >>> @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+      ... def total(acc, x):
+      ...   return acc + x
+      >>> total(0.0, jnp.arange(4.0))
+      Array(6., dtype=float32)
+    """
 
     _instance: _CarryType | None = None
 
@@ -217,10 +292,27 @@ Carry = _CarryType()
 class DiffState:
     """Differentiate argument ``argnum`` with respect to the Variables matching ``filter``.
 
+    An entry of ``argnums`` for ``nnx.grad`` / ``nnx.value_and_grad`` (and of
+    ``nondiff_argnums`` for ``nnx.custom_vjp``) that picks which Variables of an object
+    argument are differentiated; a plain int picks its ``Param`` s. The other Variables are
+    passed as non-differentiated inputs, and their updates still propagate out. Only in
+    graph mode with graph updates (the defaults).
+
+    Args:
+      argnum: the position of the argument.
+      filter: the Variables to differentiate (a Variable type, a path filter such as
+        ``nnx.PathContains``, or any other ``nnx`` filter).
+
     Example:
+      >>> import jax.numpy as jnp
       >>> from refax import nnx
       >>> nnx.DiffState(0, nnx.Param)
       DiffState(argnum=0, filter=Param)
+      >>> model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+      >>> only_bias = nnx.DiffState(0, nnx.PathContains('bias'))
+      >>> grads = nnx.grad(lambda m, x: m(x).sum(), argnums=only_bias)(model, jnp.ones((3, 2)))
+      >>> 'kernel' in grads, grads['bias'].value.tolist()
+      (False, [3.0])
     """
 
     __slots__ = ("argnum", "filter")

@@ -126,21 +126,54 @@ def shard_map(
     graph: bool | None = None,
     graph_updates: bool | None = None,
 ) -> Any:
-    """Lifted ``jax.shard_map``: objects in arguments and outputs, ``StateSharding`` prefixes.
+    """Lifted ``jax.shard_map``: runs ``f`` on per-device blocks of its arguments and objects.
+
+    Each argument is cut into blocks over the ``mesh`` by its ``in_specs`` entry; for an
+    object, every Variable is cut by the same ``PartitionSpec``, by a
+    :class:`StateSharding` that picks a spec per kind of Variable, or kept whole (``None``,
+    replicated). Inside, each Variable holds its device's block. Updates made inside (new
+    Variable values, and in graph mode structural changes) propagate back to the caller's
+    objects, each Variable reassembled with the spec it went in with. Objects created inside
+    are assembled from their blocks by ``out_specs``.
 
     Args:
-      f: the function (``@nnx.shard_map(mesh=..., ...)`` as a decorator, or called directly).
+      f: the function; omit it to use ``nnx.shard_map(mesh=..., ...)`` as a decorator.
       mesh: the ``jax.sharding.Mesh`` (or ``AbstractMesh``) to map over.
-      in_specs: prefix of the positional arguments; an object takes a ``PartitionSpec``,
-        ``None`` (replicated) or a :class:`StateSharding`.
-      out_specs: prefix of the output, likewise (objects created inside are assembled from
-        their per-shard blocks).
+      in_specs: a prefix of the positional arguments (keyword arguments are refused); an
+        object takes a ``PartitionSpec``, ``None`` (replicated) or a :class:`StateSharding`.
+      out_specs: a prefix of the output, likewise.
       axis_names: the mesh axes the function is manual over (default: all).
       check_vma: as for ``jax.shard_map`` (check that replicated outputs do not vary).
-      graph, graph_updates: tree mode (False rejects shared references) and whether the
-        objects' updates propagate out (with graph updates every input Variable comes back
-        laid out by its in_spec, so the caller's Variables hold the sharded arrays); None
-        reads ``set_graph_mode`` / ``set_graph_updates``.
+      graph: ``False`` selects tree mode: objects are handled as pytrees and a shared
+        reference among the arguments is an error. None reads ``nnx.set_graph_mode``.
+      graph_updates: ``False`` propagates only Variable values (only the changed ones come
+        back), not structural changes. With graph updates every input Variable comes back,
+        so the caller's Variables then hold global arrays laid out by their ``in_specs``.
+        None reads ``nnx.set_graph_updates``.
+
+    Returns:
+      The sharded function.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jax.sharding import Mesh, PartitionSpec as P
+      >>> from refax import nnx
+      >>> class Model(nnx.Module):
+      ...   def __init__(self, rngs):
+      ...     self.linear = nnx.Linear(2, 3, rngs=rngs)
+      ...     self.calls = nnx.BatchStat(jnp.array(0))
+      ...   def __call__(self, x):
+      ...     self.calls += 1
+      ...     return self.linear(x)
+      >>> mesh = Mesh(jax.devices(), ('data',))
+      >>> @nnx.shard_map(mesh=mesh, in_specs=(P(), P('data')), out_specs=P('data'))
+      ... def forward(model, x):
+      ...   return model(x)
+      >>> n = jax.device_count()
+      >>> model = Model(nnx.Rngs(0))
+      >>> y = forward(model, jnp.ones((2 * n, 2)))
+      >>> y.shape == (2 * n, 3), int(model.calls.value)
+      (True, 1)
     """
     kwargs = dict(
         mesh=mesh,

@@ -266,7 +266,17 @@ def with_rngs(
 ) -> Any:
     """Returns a copy of ``node`` whose streams are split, broadcast or forked.
 
+    Prepares the random streams of a Module or ``Rngs`` for a vectorising transform
+    without touching the original: the copy's matching streams hold a batch of keys
+    (split), one fresh key repeated (broadcast) or one fresh key (fork). Streams matching no
+    rule are copied unchanged. A stream matched by more than one rule uses split, then
+    broadcast, then fork; matching two rules through specific (non ``...``) filters is an
+    error. The original streams each draw one key per rule applied (their counts advance),
+    since the fresh keys come from them.
+
     Args:
+      node: the graph node (Module, Rngs, any container of them); omit it to use
+        ``with_rngs(...)`` as a decorator that applies to the function's arguments.
       split: a shape for every stream, or a mapping filter -> shape (first match wins): the
         stream is replaced by ``stream.split(shape)`` (a batch of keys).
       fork: a filter or a sequence of filters: matching streams are replaced by
@@ -274,15 +284,25 @@ def with_rngs(
       broadcast: like ``split``, replacing the stream by ``stream.broadcast(shape)`` (one
         fresh key repeated).
       only: filter restricting the streams considered (default: all).
+      graph: graph mode for finding the streams (``False``: tree mode, shared references
+        are an error); None reads ``nnx.set_graph_mode``.
+      graph_updates: accepted for API compatibility but not used: ``with_rngs`` always
+        returns a copy.
 
-    Streams matching no rule are copied unchanged. A stream matched by more than one rule
-    uses split, then broadcast, then fork; matching two rules through specific (non ``...``)
-    filters is an error. The original streams each draw one key per rule applied (their
-    counts advance), as the fresh keys come from them. Also usable as a decorator applying to
-    the function's arguments.
+    Returns:
+      The copy of ``node``, or a decorator when ``node`` is omitted.
 
     Raises:
       ValueError: a stream matched by several rules through specific filters.
+
+    Example:
+      >>> from refax import nnx
+      >>> rngs = nnx.Rngs(params=0, dropout=1)
+      >>> new = nnx.with_rngs(rngs, split={'params': 4}, fork='dropout')
+      >>> new.params.key.shape, new.dropout.key.shape, rngs.params.key.shape
+      ((4,), (), ())
+      >>> int(rngs.params.count.value), int(rngs.dropout.count.value)
+      (1, 1)
     """
     split_rules = _named_rules(split)
     broadcast_rules = _named_rules(broadcast)

@@ -304,6 +304,12 @@ def vjp(
 ) -> Any:
     """Stateful ``jax.vjp``: ``(out, vjp_fn)`` (``(out, vjp_fn, aux)`` with ``has_aux``).
 
+    Runs ``f(*primals)`` once and returns its output with a function that pulls an output
+    cotangent back to one cotangent per primal. For an object primal, the differentiated
+    part is its ``Param`` state (every floating-point Variable without graph updates);
+    its other Variables are plain inputs. Every update ``f`` makes to the primals' objects
+    (new Variable values, and in graph mode structural changes) propagates back to them.
+
     Args:
       f: the function; its arguments may hold objects. Its (primary) output must be arrays.
       *primals: the arguments. Omit them (``nnx.vjp(f)``, or ``@nnx.vjp(has_aux=...)``) to get
@@ -313,12 +319,22 @@ def vjp(
       graph: ``False`` selects tree mode: the primals are pytrees (no sharing allowed),
         every floating-point Variable is differentiated and the cotangents come back shaped
         like the primals (objects whose Variables hold the cotangents).
-      graph_updates: ``False`` selects the same pytree convention in graph mode.
+      graph_updates: ``False`` selects the same pytree convention in graph mode; only
+        Variable values propagate out, not structural changes.
 
     Returns:
       ``vjp_fn(cotangent)`` returns one cotangent per primal: a ``State`` of ``Param``
       gradients for an object, an array for an array. State updates made by ``f`` propagate
       to the primals' objects when ``vjp`` is called.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from refax import nnx
+      >>> model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+      >>> out, vjp_fn = nnx.vjp(lambda m, x: m(x).sum(), model, jnp.ones((3, 2)))
+      >>> m_grad, x_grad = vjp_fn(jnp.array(1.0))
+      >>> m_grad['kernel'].value.tolist(), m_grad['bias'].value.tolist(), x_grad.shape
+      ([[3.0], [3.0]], [3.0], (3, 2))
     """
     if reduce_axes:
         raise NotImplementedError("reduce_axes is deprecated in jax.vjp and not supported.")
@@ -353,6 +369,12 @@ def jvp(
 ) -> Any:
     """Stateful ``jax.jvp``: ``(out, tangent_out)`` (``(out, tangent_out, aux)``).
 
+    Runs ``f(*primals)`` once and pushes the ``tangents`` forward to the output's tangent.
+    For an object primal, the part that takes a tangent is its ``Param`` state (every
+    floating-point Variable without graph updates). Every update ``f`` makes to the
+    primals' objects (new Variable values, and in graph mode structural changes) propagates
+    back to them.
+
     Args:
       f: the function; its arguments may hold objects. Its (primary) output must be arrays.
       primals: the arguments, as a tuple (omit with ``tangents`` to get a function of both).
@@ -362,7 +384,8 @@ def jvp(
       has_aux: ``f`` returns ``(out, aux)``; ``aux`` may hold objects.
       graph: ``False`` selects tree mode: the primals are pytrees (no sharing allowed) and
         every floating-point Variable takes a tangent.
-      graph_updates: ``False`` selects the same pytree convention in graph mode.
+      graph_updates: ``False`` selects the same pytree convention in graph mode; only
+        Variable values propagate out, not structural changes.
 
     Returns:
       The output and its tangent; state updates made by ``f`` propagate to the primals.
@@ -472,7 +495,35 @@ class CustomVjp(Generic[A]):
     def defvjp(
         self, fwd: Callable[..., Any], bwd: Callable[..., Any], symbolic_zeros: bool = False
     ) -> None:
-        """Sets the forward (``fwd(*args) -> (out, res)``) and backward rules."""
+        """Sets the forward and backward rules; call it before calling the function.
+
+        Args:
+          fwd: ``fwd(*args) -> (out, residuals)``, taking the same arguments as the function
+            (it usually calls it). The residuals may hold objects.
+          bwd: ``bwd(*nondiff_args, residuals, g) -> cotangents``, one cotangent per
+            differentiated argument. In graph mode with graph updates ``g`` is
+            ``(input_updates_g, out_g)``; without graph updates it is ``out_g``. See
+            :class:`CustomVjp` for the exact conventions.
+          symbolic_zeros: must be ``False`` (symbolic zeros are not supported).
+
+        Returns:
+          None; the rules are stored on the function.
+
+        Example:
+          >>> import jax, jax.numpy as jnp
+          >>> from refax import nnx
+          >>> @nnx.custom_vjp
+          ... def clip_gradient(x):
+          ...   return x
+          >>> def fwd(x):
+          ...   return x, None
+          >>> def bwd(res, g):
+          ...   input_updates_g, out_g = g
+          ...   return (jnp.clip(out_g, -1.0, 1.0),)
+          >>> clip_gradient.defvjp(fwd, bwd)
+          >>> jax.grad(lambda x: 5.0 * clip_gradient(x))(2.0)
+          Array(1., dtype=float32, weak_type=True)
+        """
         if symbolic_zeros:
             raise NotImplementedError("nnx.custom_vjp does not support symbolic_zeros=True.")
         self.fwd, self.bwd = fwd, bwd
@@ -738,7 +789,8 @@ def custom_vjp(
       nondiff_argnums: ints and (graph mode with updates only) ``DiffState`` prefixes.
       graph: ``False`` selects tree mode (arguments as pytrees). ``None`` reads the default
         when ``custom_vjp`` is applied.
-      graph_updates: ``False`` selects the pytree convention in graph mode too.
+      graph_updates: ``False`` selects the pytree convention in graph mode too; only
+        Variable values propagate out, not structural changes.
 
     Returns:
       A :class:`CustomVjp`; call ``.defvjp(fwd, bwd)`` before using it.

@@ -305,20 +305,58 @@ def vmap(
     graph: bool | None = None,
     graph_updates: bool | None = None,
 ) -> Any:
-    """Lifted ``jax.vmap``: objects in arguments and outputs, ``StateAxes`` prefixes.
+    """Lifted ``jax.vmap``: maps ``f`` over an axis of its arguments, which may hold objects.
+
+    An object argument is mapped like a pytree of its Variables: with axis 0, each lane sees
+    the object holding one slice of every Variable; with ``None`` the object is broadcast; a
+    :class:`StateAxes` picks the axis per kind of Variable. Updates made inside (new Variable
+    values, and in graph mode new or deleted attributes) propagate back to the caller's
+    objects, mapped Variables stacked along their axis (a broadcast Variable may only be
+    given a value that is the same in every lane). Objects created inside come back
+    stacked along their ``out_axes`` entry, which vectorises initialisation (an ensemble of
+    models). Usable as ``@nnx.vmap``, ``@nnx.vmap(...)`` or ``nnx.vmap(f, ...)``, also on
+    methods in a class body.
 
     Args:
-      f: the function (or method, decorated in the class body); ``@nnx.vmap`` and
-        ``@nnx.vmap(...)`` both work.
-      in_axes: prefix of the positional arguments: an int, ``None`` (broadcast) or, for an
-        object, a :class:`StateAxes`. Keyword arguments are mapped over axis 0.
-      out_axes: prefix of the output; objects created inside are stacked on their axis.
-      axis_name, axis_size, spmd_axis_name: as for ``jax.vmap``.
-      transform_metadata: ``{nnx.PARTITION_NAME: name}`` keeps Variables' sharding names in
-        step with the mapped axis.
-      graph, graph_updates: tree mode (False rejects shared references) and whether
-        structural changes inside propagate out; None reads ``set_graph_mode`` /
-        ``set_graph_updates``.
+      f: the function; omit it to use ``nnx.vmap(...)`` as a decorator.
+      in_axes: a prefix of the positional arguments: an int (mapped over that axis),
+        ``None`` (broadcast) or, for an object, a :class:`StateAxes`. Keyword arguments are
+        mapped over axis 0.
+      out_axes: a prefix of the output, likewise; objects created inside are stacked on
+        their axis.
+      axis_name: a name for the mapped axis, for collectives such as ``jax.lax.psum``.
+      axis_size: the size of the mapped axis (needed when no argument is mapped).
+      spmd_axis_name: as for ``jax.vmap``.
+      transform_metadata: ``{nnx.PARTITION_NAME: name}`` removes the mapped axis from the
+        Variables' sharding names inside and inserts ``name`` at their output axis outside.
+      graph: ``False`` selects tree mode: objects are handled as pytrees and a shared
+        reference among the arguments is an error. None reads ``nnx.set_graph_mode``.
+      graph_updates: ``False`` propagates only Variable values, not structural changes.
+        None reads ``nnx.set_graph_updates``.
+
+    Returns:
+      The vectorised function.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from refax import nnx
+      >>> @nnx.split_rngs(splits=4)
+      ... @nnx.vmap(in_axes=0, out_axes=0)
+      ... def create(rngs):
+      ...   return nnx.Linear(2, 3, rngs=rngs)
+      >>> ensemble = create(nnx.Rngs(0))
+      >>> ensemble.kernel.shape
+      (4, 2, 3)
+      >>> @nnx.vmap(in_axes=(0, None))
+      ... def forward(model, x):
+      ...   return model(x)
+      >>> forward(ensemble, jnp.ones((5, 2))).shape
+      (4, 5, 3)
+      >>> def scale(model, s):
+      ...   model.kernel.value = model.kernel.value * s
+      >>> nnx.vmap(scale)(ensemble, jnp.zeros(4))
+      >>> float(jnp.abs(ensemble.kernel.value).sum())
+      0.0
     """
     kwargs = dict(
         in_axes=in_axes,
