@@ -39,6 +39,7 @@ from refax._graph import _cache
 from refax._graph._flatten import FlattenResult, flatten, is_graph_node
 from refax._graph._graphdef import REF, GraphDef, children, skip
 from refax._graph._unflatten import unflatten
+from refax._refs import is_array_ref
 from refax._tracers import EPOCH
 from refax._transforms._checks import shared_reference_error
 from refax._variables import Variable, _set_raw
@@ -210,6 +211,7 @@ class Info:
         "map",
         "paths",
         "annotation",
+        "ref_outs",
     )
 
     def __init__(self, unchanged, changed, out_treedef, out_pos, out_refs, graphdef, node_map):
@@ -222,6 +224,9 @@ class Info:
         self.map: tuple[tuple[int, int], ...] = node_map  # joint index -> input index
         self.paths: tuple[tuple, ...] = ()  # paths of the joint leaves (structure changed)
         self.annotation: Any = None  # per-joint-leaf data a transform attached (e.g. axes)
+        # output leaves that were jax.Refs (which cannot leave a JAX transform): (position,
+        # index among the other argument leaves of the input Ref it is, or -1 for a new one)
+        self.ref_outs: tuple[tuple[int, int], ...] = ()
 
     @classmethod
     def same_structure(cls, changed: tuple, out_treedef, out_pos: tuple, out_refs: tuple) -> Info:
@@ -230,7 +235,9 @@ class Info:
 
     def with_changed(self, changed: tuple) -> Info:
         """This (unchanged-structure) info with other leaves coming back."""
-        return Info.same_structure(changed, self.out_treedef, self.out_pos, self.out_refs)
+        info = Info.same_structure(changed, self.out_treedef, self.out_pos, self.out_refs)
+        info.ref_outs = self.ref_outs
+        return info
 
     def _key(self) -> tuple:
         return (
@@ -242,6 +249,7 @@ class Info:
             self.graphdef,
             self.map,
             self.annotation,
+            self.ref_outs,
         )
 
     def __eq__(self, other: object) -> bool:
@@ -260,11 +268,12 @@ class Step:
     part of its output that may hold objects to :meth:`collect`.
     """
 
-    __slots__ = ("call", "values", "args", "kwargs", "nodes", "built", "input_leaves")
+    __slots__ = ("call", "values", "other", "args", "kwargs", "nodes", "built", "input_leaves")
 
     def __init__(self, call: Call, values: Sequence[Any], other: Sequence[Any]):
         self.call = call
         self.values = values
+        self.other = other
         built: list[Any] = []
         nodes = unflatten(call.graphdef, values, flat=True, nodes_out=built)
         leaves = list(other)
@@ -285,6 +294,14 @@ class Step:
         """``fun(*args, **kwargs)`` on the rebuilt arguments."""
         return fun(*self.args, **self.kwargs)
 
+    def _same_inputs(self, joint: FlattenResult) -> bool:
+        """Whether the inputs kept their structure and node identities in ``joint``."""
+        graphdef = self.call.graphdef
+        ops = joint.graphdef.ops
+        return ops[1 : skip(ops, 1)] == graphdef.ops and all(
+            map(operator.is_, joint.nodes[: graphdef.num_nodes], self.built)
+        )
+
     def collect(
         self,
         out: Any,
@@ -301,7 +318,34 @@ class Step:
         transforms must return each batched value), or those a mask selects (donated buffers).
         ``before_walk(joint)`` may edit Variable metadata (axis names) before the final walk;
         ``annotate(joint)`` attaches per-leaf data (axes) to a changed structure's info.
+        ``jax.Ref`` output leaves, which cannot leave a JAX transform, are replaced (see
+        ``Info.ref_outs``) and restored by :func:`apply_outputs`.
         """
+        info, values, out_leaves = self._collect(out, every_input, before_walk, annotate)
+        if any(map(is_array_ref, out_leaves)):
+            info.ref_outs = self._refs_out(out_leaves)
+        return info, values, out_leaves
+
+    def _refs_out(self, out_leaves: list[Any]) -> tuple[tuple[int, int], ...]:
+        """Replaces the jax.Refs among the output leaves (they cannot leave a JAX transform):
+        an input Ref by None (the caller's Ref comes back), a new one by its value (a new
+        Ref is made outside)."""
+        inputs = {id(x): k for k, x in enumerate(self.other) if is_array_ref(x)}
+        found = []
+        for i, x in enumerate(out_leaves):
+            if is_array_ref(x):
+                k = inputs.get(id(x), -1)
+                out_leaves[i] = None if k >= 0 else x[...]
+                found.append((i, k))
+        return tuple(found)
+
+    def _collect(
+        self,
+        out: Any,
+        every_input: bool | tuple[bool, ...],
+        before_walk: Callable[[FlattenResult], None] | None,
+        annotate: Callable[[FlattenResult], Any] | None,
+    ) -> tuple[Info, list[Any], list[Any]]:
         graphdef, built = self.call.graphdef, self.built
         out_leaves, out_treedef = jax.tree_util.tree_flatten(out, is_leaf=is_graph_node)
         out_pos = tuple(i for i, x in enumerate(out_leaves) if is_graph_node(x))
@@ -310,15 +354,26 @@ class Step:
             out_leaves[i] = None
         if before_walk is not None:
             before_walk(flatten((self.nodes, out_nodes), with_paths=True))
-        if self.input_leaves is not None:  # no graph updates: values by identity only
+        joint = None
+        if self.input_leaves is not None:  # no graph updates: values only
             position = {id(n): i for i, n in enumerate(built)}
             refs = tuple(position.get(id(n), -1) for n in out_nodes)
             if -1 not in refs:
-                new = [raw(leaf) for leaf in self.input_leaves]
-                changed = _changed(new, self.values, every_input)
-                info = Info.same_structure(changed, out_treedef, out_pos, refs)
-                return info, [new[i] for i in changed], out_leaves
-        joint = flatten((self.nodes, out_nodes), with_paths=True)
+                leaves = self.input_leaves
+                if not all(isinstance(x, Variable) for x in leaves):
+                    # a raw-array attribute rebound inside shows only in a walk; it is a
+                    # value, written back below while the inputs' structure is the same
+                    joint = flatten((self.nodes, out_nodes), with_paths=True)
+                    if self._same_inputs(joint):
+                        leaves = None
+                if leaves is not None:  # by identity: Variables' values, no structure
+                    new = [raw(leaf) for leaf in leaves]
+                    changed = _changed(new, self.values, every_input)
+                    changed = tuple(i for i in changed if isinstance(leaves[i], Variable))
+                    info = Info.same_structure(changed, out_treedef, out_pos, refs)
+                    return info, [new[i] for i in changed], out_leaves
+        if joint is None:
+            joint = flatten((self.nodes, out_nodes), with_paths=True)
         joint_ops, in_ops = joint.graphdef.ops, graphdef.ops
         out_start = skip(joint_ops, 1)  # the outputs' tuple follows the inputs' subtree
         n_in = graphdef.num_nodes
@@ -391,4 +446,6 @@ def apply_outputs(inputs: Inputs, info: Info, values: Sequence[Any], out_other: 
     leaves = list(out_other)
     for p, n in zip(info.out_pos, out_nodes):
         leaves[p] = n
+    for i, k in info.ref_outs:
+        leaves[i] = inputs.other[k] if k >= 0 else jax.new_ref(leaves[i])
     return jax.tree_util.tree_unflatten(info.out_treedef, leaves)

@@ -343,6 +343,30 @@ def test_rnn_state_axes_scans_variables():
     np.testing.assert_allclose(rnn.cell.w[...][:, 0], [10, 11, 12])
 
 
+def test_rnn_broadcast_state_sees_initial_values_and_drops_updates():
+    class Counting(rec.RNNCellBase):
+        def __init__(self):
+            self.seen = nnx.BatchStat(jnp.zeros(()))
+
+        def __call__(self, carry, x):
+            self.seen[...] += 1  # broadcast: every step reads 0 and the update is dropped
+            return carry + self.seen[...] * x, self.seen[...] * x
+
+        def initialize_carry(self, input_shape, rngs=None):
+            return jnp.zeros(input_shape)
+
+        @property
+        def num_feature_axes(self):
+            return 1
+
+    broadcast = rec.RNN(Counting(), state_axes={nnx.BatchStat: None}, time_major=True)
+    np.testing.assert_allclose(broadcast(jnp.ones((4, 2)))[:, 0], [1, 1, 1, 1])
+    np.testing.assert_allclose(broadcast.cell.seen[...], 0)
+    carried = rec.RNN(Counting(), time_major=True)  # default: everything carried
+    np.testing.assert_allclose(carried(jnp.ones((4, 2)))[:, 0], [1, 2, 3, 4])
+    np.testing.assert_allclose(carried.cell.seen[...], 4)
+
+
 def test_rnn_under_jit_matches_eager():
     rnn = rec.RNN(rec.OptimizedLSTMCell(3, 4, rngs=Rngs(0)), reverse=True)
     graphdef, state = nnx.split(rnn)
