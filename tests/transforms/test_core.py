@@ -36,9 +36,9 @@ def grow(m):
 RUN_ONCE = {
     "jit": lambda f, **kw: nnx.jit(f, **kw),
     "remat": lambda f, **kw: nnx.remat(f, **kw),
-    "checkify": lambda f, **kw: (lambda *a: nnx.checkify(f, **kw)(*a)[1]),
-    "cond": lambda f, **kw: (lambda m: nnx.cond(True, f, f, m, **kw)),
-    "pmap": lambda f, **kw: (lambda m: nnx.pmap(f, in_axes=None, axis_size=1, **kw)(m)[0]),
+    "checkify": lambda f, **kw: lambda *a: nnx.checkify(f, **kw)(*a)[1],
+    "cond": lambda f, **kw: lambda m: nnx.cond(True, f, f, m, **kw),
+    "pmap": lambda f, **kw: lambda m: nnx.pmap(f, in_axes=None, axis_size=1, **kw)(m)[0],
 }
 
 
