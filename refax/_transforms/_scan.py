@@ -36,8 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from refax._graph._flatten import is_graph_node
-from refax._graph._graphdef import skip
+from refax._graph._flatten import flatten, is_graph_node
 from refax._transforms._axes import (
     args_prefixes,
     bind_keywords,
@@ -46,7 +45,7 @@ from refax._transforms._axes import (
 )
 from refax._transforms._axis_metadata import insert_axis, partition_name, remove_axis
 from refax._transforms._checks import check_no_input_returned, check_not_bound_method
-from refax._transforms._lift import Static, Step, apply_outputs, input_leaves, split_inputs
+from refax._transforms._lift import Static, Step, apply_outputs, split_inputs
 from refax._transforms._prefix import (
     AliasChecker,
     Carry,
@@ -231,9 +230,10 @@ class ScanWrapped:
             new_values = [got[i] for i in changed]
         else:
             got.update((i, _from_front(x, value_axes[i])) for i, x in zip(v_scan, s_values))
-            new_axes = info.value.annotation
-            new_values = [got[i] for i in range(n_values)] + [
-                _from_front(x, a) for x, a in zip(new_leaves, new_axes)
+            stacked = iter(new_leaves)
+            new_values = [
+                got[i] if isinstance(i, int) else _from_front(next(stacked), i[1])
+                for i in info.value.annotation
             ]
         ic, iy, ia = iter(c_other), iter(ys_out), iter(out_axes)
         out_other = []
@@ -299,9 +299,10 @@ class ScanWrapped:
                 # state only where it changed (unchanged layers are not restacked)
                 got = dict(zip(info.value.changed, new_values))
                 new_leaves: list[Any] = []
-            else:  # new objects returned: every input leaf, then the new ones (stacked)
-                got = dict(enumerate(new_values[:n_values]))
-                new_leaves = new_values[n_values:]
+            else:  # new leaves (stacked) among the input leaves, in the joint walk's order
+                found = info.value.annotation
+                got = {i: v for i, v in zip(found, new_values) if isinstance(i, int)}
+                new_leaves = [v for i, v in zip(found, new_values) if not isinstance(i, int)]
             new_carry = ([got[i] for i in v_carry], carry_out, c_consts)
             ys = ([got[i] for i in v_scan if i in got], ys_out, new_leaves)
             return new_carry, ys
@@ -315,8 +316,10 @@ class ScanWrapped:
     def _step(self, static: Static, values: list, other: list):
         step = Step(static.value, values, other)
         value_axes, node_prefixes = step.settings.value_axes, step.settings.node_prefixes
-        graphdef, nodes, built = step.call.graphdef, step.nodes, step.built
-        leaves = input_leaves(nodes) if step.input_leaves is None else step.input_leaves
+        nodes = step.nodes
+        walk = flatten(nodes, with_paths=True)  # before the function can change them
+        leaves = walk.leaves if step.input_leaves is None else step.input_leaves
+        source = {(0, *p): i for i, p in enumerate(walk.paths)}  # joint path -> input leaf
         name = self.partition_name
         if name is not None:
             for var, axis in zip(leaves, value_axes):
@@ -331,21 +334,37 @@ class ScanWrapped:
                 if isinstance(a, int) and not _is_carry(a)
             ]
             check_no_input_returned("scan", scanned, out)
+        out_leaves = jax.tree_util.tree_leaves(out, is_leaf=is_graph_node)
+        prefixes = broadcast_prefix(self.out_axes, out, "out_axes")
+        out_prefixes = [p for x, p in zip(out_leaves, prefixes) if is_graph_node(x)]
+
+        def axes_of(joint: Any) -> list[Any]:
+            """Per joint leaf: its input leaf's index, or (-1, stacking axis) for a new one."""
+            found = []
+            for leaf, path in zip(joint.leaves, joint.paths):
+                i = source.get(path, -1)
+                if i < 0:
+                    prefix = node_prefixes[path[1]] if path[0] == 0 else out_prefixes[path[1]]
+                    i = (-1, leaf_axis(prefix, path[2:], leaf))
+                found.append(i)
+            return found
+
         before = None
         if name is not None:
 
             def before(joint: Any) -> None:
-                for leaf, axis in zip(joint.leaves, value_axes):
+                for leaf, i in zip(joint.leaves, axes_of(joint)):
+                    axis = value_axes[i] if isinstance(i, int) else None
                     if isinstance(leaf, Variable) and isinstance(axis, int):
                         if not _is_carry(axis):
                             insert_axis(leaf, axis, name)
 
         carried = tuple(not (isinstance(a, int) and not _is_carry(a)) for a in value_axes)
-        info, new_values, out_other = step.collect(out, every_input=carried, before_walk=before)
-        out_leaves = jax.tree_util.tree_leaves(out, is_leaf=is_graph_node)
-        prefixes = broadcast_prefix(self.out_axes, out, "out_axes")
+        info, new_values, out_other = step.collect(
+            out, every_input=carried, before_walk=before, annotate=axes_of
+        )
         if not info.unchanged:
-            info.annotation = self._new_object_axes(info, graphdef, built, out_leaves, prefixes)
+            info.annotation = _stacked_leaves(info, len(leaves))
         node_out = [(x, a) for x, a in zip(out_leaves, prefixes) if is_graph_node(x)]
         if node_out:  # an input object returned must keep its axes
             checker = AliasChecker()
@@ -367,49 +386,35 @@ class ScanWrapped:
         leaves = [x for i, x in enumerate(out_other) if i not in node_slots]
         return Static(info), new_values, leaves, axes
 
-    @staticmethod
-    def _new_object_axes(
-        info: Any, graphdef: Any, built: list, out_leaves: list, prefixes: list
-    ) -> tuple:
-        """The stacking axis of each leaf of the objects created inside the scan (the input
-        objects must keep their structure: a scan body runs once for every step)."""
-        joint = info.graphdef
-        n_in = graphdef.num_leaves
-        same_inputs = (
-            joint.ops[1 : skip(joint.ops, 1)] == graphdef.ops
-            and len(info.map) >= graphdef.num_nodes
-            and all(j == i for j, i in info.map[: graphdef.num_nodes])
+
+def _stacked_leaves(info: Any, n_inputs: int) -> tuple:
+    """A changed structure's annotation: per joint leaf, the input leaf it is (an int) or the
+    stacking axis of a new one (``(-1, axis)``): leaves of objects created inside the scan, and
+    Variables added to scanned input objects (e.g. by lazy initialisation in the body)."""
+    found = info.annotation
+    if len({i for i in found if isinstance(i, int)}) != n_inputs:
+        raise ValueError(
+            "nnx.scan: the function removed or re-shared attributes of its input objects; "
+            "scan needs the same structure at every step. Make structural changes outside "
+            "the scan."
         )
-        if not same_inputs:
+    for i, path in zip(found, info.paths):
+        if isinstance(i, int):
+            continue
+        axis, where = i[1], "/".join(map(str, path[2:]))
+        if _is_carry(axis):
             raise ValueError(
-                "nnx.scan: the function changed the structure of its input objects (added, "
-                "removed or re-shared attributes); scan needs the same structure at every "
-                "step. Make structural changes outside the scan."
+                "nnx.scan: Carry references must be the same between iterations, and scan "
+                "Variable identity must be preserved across iterations: the function "
+                "returned a new object or Variable as (part of) the carry, at "
+                f"'{where}'. Update the carried object in place and return it."
             )
-        node_prefixes = [p for x, p in zip(out_leaves, prefixes) if is_graph_node(x)]
-        axes = []
-        for path in info.paths[n_in:]:
-            if path[0] != 1:
-                raise ValueError(
-                    "nnx.scan: the function changed the structure of its input objects; "
-                    "scan needs the same structure at every step."
-                )
-            axis = leaf_axis(node_prefixes[path[1]], path[2:], None)
-            if _is_carry(axis):
-                raise ValueError(
-                    "nnx.scan: Carry references must be the same between iterations, and scan "
-                    "Variable identity must be preserved across iterations: the function "
-                    "returned a new object or Variable as (part of) the carry, at "
-                    f"'{'/'.join(map(str, path[2:]))}'. Update the carried object in place "
-                    "and return it."
-                )
-            if not isinstance(axis, int):
-                raise ValueError(
-                    "nnx.scan: an object created inside the scan must be stacked (an int in "
-                    f"out_axes), got {axis!r} for the leaf at {'/'.join(map(str, path[2:]))}."
-                )
-            axes.append(axis)
-        return tuple(axes)
+        if not isinstance(axis, int):
+            raise ValueError(
+                "nnx.scan: an object or Variable created inside the scan must be stacked (an "
+                f"int in in_axes or out_axes), got {axis!r} for the leaf at {where}."
+            )
+    return tuple(found)
 
 
 def scan(

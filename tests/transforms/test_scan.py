@@ -257,16 +257,40 @@ def test_transform_metadata_removes_the_scanned_axis_inside():
 
 
 # -- errors ----------------------------------------------------------------------------------
-def test_structure_change_inside_scan_is_an_error():
+def test_variable_added_to_a_scanned_input_is_stacked():
+    # lazy initialisation inside the body: the new Variable gets the input's scan axis
     m = nnx.Dict(w=nnx.Param(jnp.ones((4, 3))))
 
     def add_attr(m, c):
-        m["new"] = nnx.Param(jnp.zeros(()))
+        m["new"] = nnx.Param(m["w"][...].sum() + c.sum())
+        return c + 1
+
+    c = nnx.scan(add_attr, in_axes=(0, nnx.Carry), out_axes=nnx.Carry)(m, jnp.zeros(3))
+    np.testing.assert_allclose(c, [4, 4, 4])
+    assert isinstance(m["new"], nnx.Param)
+    np.testing.assert_allclose(m["new"][...], [3, 6, 9, 12])  # one per step, stacked
+
+
+def test_structure_change_inside_scan_is_an_error():
+    def remove_attr(m, c):
+        del m["w"]
         return c
 
-    with pytest.raises(ValueError, match="changed the structure"):
-        nnx.scan(add_attr, in_axes=(0, nnx.Carry), out_axes=nnx.Carry)(m, jnp.ones(3))
-    assert "new" not in m
+    m = nnx.Dict(w=nnx.Param(jnp.ones((4, 3))), v=nnx.Param(jnp.ones((4, 3))))
+    with pytest.raises(ValueError, match="removed or re-shared"):
+        nnx.scan(remove_attr, in_axes=(0, nnx.Carry), out_axes=nnx.Carry)(m, jnp.ones(3))
+    assert "w" in m
+
+    def add_attr(m, c):
+        m["new"] = nnx.Param(jnp.zeros(()))
+        return m, c
+
+    carried = nnx.Dict(w=nnx.Param(jnp.ones(3)))
+    with pytest.raises(ValueError, match="Carry references must be the same"):
+        nnx.scan(add_attr, in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))(
+            carried, jnp.ones((4, 3))
+        )
+    assert "new" not in carried
 
 
 def test_mismatched_carry_errors():
