@@ -92,6 +92,7 @@ from refax._transforms._control import cond as cond
 from refax._transforms._control import fori_loop as fori_loop
 from refax._transforms._control import switch as switch
 from refax._transforms._control import while_loop as while_loop
+from refax._transforms._custom_vjp import custom_vjp as custom_vjp
 from refax._transforms._eval_shape import eval_shape as eval_shape
 from refax._transforms._eval_shape import make_jaxpr as make_jaxpr
 from refax._transforms._extract import NodeStates as NodeStates
@@ -115,7 +116,6 @@ from refax._transforms._shard_map import shard_map as shard_map
 from refax._transforms._split_rngs import fork_rngs as fork_rngs
 from refax._transforms._split_rngs import split_rngs as split_rngs
 from refax._transforms._split_rngs import with_rngs as with_rngs
-from refax._transforms._vjp import custom_vjp as custom_vjp
 from refax._transforms._vjp import jvp as jvp
 from refax._transforms._vjp import vjp as vjp
 from refax._transforms._vmap import vmap as vmap

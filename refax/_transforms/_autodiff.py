@@ -45,6 +45,7 @@ from refax._graph._unflatten import nest_leaves
 from refax._object import Pytree
 from refax._statelib import State
 from refax._transforms._checks import check_not_bound_method, split_aux
+from refax._transforms._diff_split import everything, inexact
 from refax._transforms._lift import Static, Step, apply_outputs, split_inputs
 from refax._transforms._masks import fill, interleave
 from refax._transforms._prefix import DiffState, arg_owners, check_prefix
@@ -122,9 +123,9 @@ def _differentiate(
             pred = preds.get(owner)
             if pred is _DEFAULT:
                 if not updates:  # like jax.grad on the argument's pytree: every float leaf
-                    pred = _inexact
+                    pred = inexact
                 else:
-                    pred = params if isinstance(inputs.nodes[path[0]], Pytree) else _everything
+                    pred = params if isinstance(inputs.nodes[path[0]], Pytree) else everything
             leaf_arg.append(owner if pred is not None and pred(path[1:], leaf) else None)
         other_arg = [
             owners[i] if owners[i] in preds and x is not None else None
@@ -181,18 +182,6 @@ def _check_consistent_aliasing(inputs: Any, owners: list, diff: set) -> None:
 
 def _items(argnums: Any) -> tuple:
     return (argnums,) if isinstance(argnums, (int, DiffState)) else tuple(argnums)
-
-
-def _inexact(path: tuple, leaf: Any) -> bool:
-    value = leaf._raw_value if isinstance(leaf, Variable) else leaf
-    dtype = getattr(value, "dtype", None)
-    if dtype is None:
-        return isinstance(value, (float, complex))
-    return bool(jax.numpy.issubdtype(dtype, jax.numpy.inexact))
-
-
-def _everything(path: tuple, leaf: Any) -> bool:
-    return True
 
 
 def _value_and_grad(pure: Callable, holomorphic: bool, allow_int: bool) -> Callable:

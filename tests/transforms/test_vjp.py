@@ -7,7 +7,8 @@ import pytest
 from flax import nnx as fnnx
 
 import refax as nnx
-from refax._transforms._vjp import custom_vjp, jvp, vjp
+from refax._transforms._custom_vjp import custom_vjp
+from refax._transforms._vjp import jvp, vjp
 
 
 def _linear_pair():
