@@ -539,9 +539,10 @@ def jit_partial(
       fun: the function to jit.
       *partial_args: its first positional arguments, fixed for every call (may hold
         objects; in tree mode they are checked for shared references here).
-      in_shardings, out_shardings, static_argnums, static_argnames, donate_argnums,
-        donate_argnames, keep_unused, device, backend, inline: as for :func:`jit`,
-        with indices counting the partial arguments first.
+      in_shardings: as for :func:`jit`, like ``out_shardings``, ``static_argnums``,
+        ``static_argnames``, ``donate_argnums``, ``donate_argnames``, ``keep_unused``,
+        ``device``, ``backend`` and ``inline``; argument indices count the partial
+        arguments first.
       graph: ``False`` selects tree mode: objects are handled as pytrees and a shared
         reference among the arguments is an error. None reads ``nnx.set_graph_mode``.
       graph_updates: ``False`` propagates only Variable values, not structural changes.
