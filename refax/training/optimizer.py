@@ -30,9 +30,9 @@ from refax._graph import GraphState
 from refax._graph import state as _state
 from refax._graph import update as _update
 from refax._object import Pytree
+from refax._sharding import shard_value
 from refax._statelib import State
 from refax._variables import Param, Variable
-from refax.spmd import shard_value
 
 __all__ = ["Optimizer", "ModelAndOptimizer", "OptState", "OptArray", "OptVariable"]
 
