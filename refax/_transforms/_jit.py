@@ -39,7 +39,6 @@ import jax
 from refax._config import config
 from refax._graph._flatten import flatten, is_graph_node
 from refax._transforms._checks import (
-    check_no_input_returned,
     check_not_bound_method,
     check_output_types,
 )
@@ -179,8 +178,7 @@ class JitWrapped:
             self._last_trace = current
         out = self.fun(*args, **kwargs)
         check_output_types(self.fun, out, "jit")
-        if not call.graph:
-            check_no_input_returned("jit", step.input_leaves, out)
+        step.check_tree_mode_output("jit", out)
         if out_sh is not None and _per_variable(out_sh.tree):
             out = _shard_tree(out, out_sh.tree, "out_shardings")  # per-Variable out_shardings
             out_sh = None

@@ -41,7 +41,7 @@ from refax._graph._graphdef import REF, GraphDef, children, skip
 from refax._graph._unflatten import unflatten
 from refax._refs import is_array_ref
 from refax._tracers import EPOCH
-from refax._transforms._checks import shared_reference_error
+from refax._transforms._checks import check_no_input_returned, shared_reference_error
 from refax._variables import Variable, _set_raw
 
 
@@ -293,6 +293,12 @@ class Step:
     def run(self, fun: Callable[..., Any]) -> Any:
         """``fun(*args, **kwargs)`` on the rebuilt arguments."""
         return fun(*self.args, **self.kwargs)
+
+    def check_tree_mode_output(self, transform: str, out: Any) -> None:
+        """In tree mode an input Variable returned as an output is an error (two pytree
+        leaves that would be one object afterwards)."""
+        if not self.call.graph:
+            check_no_input_returned(transform, self.input_leaves, out)
 
     def _same_inputs(self, joint: FlattenResult) -> bool:
         """Whether the inputs kept their structure and node identities in ``joint``."""

@@ -318,7 +318,7 @@ class ScanWrapped:
         value_axes, node_prefixes = step.settings.value_axes, step.settings.node_prefixes
         nodes = step.nodes
         walk = flatten(nodes, with_paths=True)  # before the function can change them
-        leaves = walk.leaves if step.input_leaves is None else step.input_leaves
+        leaves = walk.leaves
         source = {(0, *p): i for i, p in enumerate(walk.paths)}  # joint path -> input leaf
         name = self.partition_name
         if name is not None:

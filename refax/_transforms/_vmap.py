@@ -50,7 +50,6 @@ from refax._transforms._axis_metadata import (
     remove_axis,
 )
 from refax._transforms._checks import (
-    check_no_input_returned,
     check_not_bound_method,
     check_not_captured,
     check_output_types,
@@ -157,8 +156,7 @@ class MappedWrapped:
         out = self._call_fun(step)
         transform = self._transform
         check_output_types(self.fun, out, transform)
-        if not call.graph:
-            check_no_input_returned(transform, step.input_leaves, out)
+        step.check_tree_mode_output(transform, out)
 
         out_leaves = jax.tree_util.tree_leaves(out, is_leaf=is_graph_node)
         out_prefixes = broadcast_prefix(self.out_prefix, out, self._out_what, self._is_leaf)
