@@ -38,12 +38,20 @@ import jax
 
 from refax._config import config
 from refax._graph._flatten import flatten, is_graph_node
+from refax._graph._graphdef import GraphDef
 from refax._transforms._checks import (
     check_not_bound_method,
     check_output_types,
 )
 from refax._transforms._eval_shape import eval_shape
-from refax._transforms._lift import Inputs, Static, Step, apply_outputs, split_inputs
+from refax._transforms._lift import (
+    ArgPattern,
+    Inputs,
+    Static,
+    Step,
+    apply_outputs,
+    split_inputs,
+)
 from refax._transforms._masks import donation_masks, interleave, split_by_mask
 from refax._transforms._prefix import (
     StateSharding,
@@ -70,6 +78,19 @@ class JitSettings:
     in_shardings: tuple | None  # one per state leaf, when in_shardings is given
     out_shardings: _HashableTree | None
     in_paths: tuple  # the state leaves' paths, when in_shardings is given
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Fast:
+    """The last call of a wrapper whose positional arguments were each a graph node or a
+    plain array (:class:`ArgPattern`), with what ``_prepare`` found for it: a call with the
+    same pattern whose walk gives the very same GraphDef skips flattening the arguments and
+    looking up the settings."""
+
+    pattern: ArgPattern
+    graphdef: GraphDef
+    settings: JitSettings
+    static: Static
 
 
 def _rewarn_donation(caught: list, inputs: Inputs, value_mask: tuple) -> None:
@@ -141,6 +162,7 @@ class JitWrapped:
         self._out_sh = _HashableTree(out_shardings) if out_shardings is not None else None
         self._statics: dict[tuple, tuple] = {}  # per argument structure: masks and Static
         self._last_trace: dict | None = None  # what the last trace saw (explain_retraces)
+        self._fast: _Fast | None = None  # the last call's, when its arguments were flat
         jit_kwargs: dict[str, Any] = {"keep_unused": keep_unused, "inline": inline}
         if device is not None:
             jit_kwargs["device"] = device
@@ -196,15 +218,24 @@ class JitWrapped:
 
     # -- calling --------------------------------------------------------------------------
     def _prepare(self, args: tuple, kwargs: dict) -> tuple[Inputs, JitSettings, Static]:
+        fast, inputs = self._fast, None
+        if fast is not None and not kwargs:  # (only without static arguments)
+            inputs = fast.pattern.split(args, self.graph, self.graph_updates)
+            if inputs is not None and inputs.graphdef is fast.graphdef:
+                return inputs, fast.settings, fast.static
         args, kwargs, static_args = extract_static(
             args, kwargs, self.static_argnums, self.static_argnames, "jit"
         )
-        inputs = split_inputs(args, kwargs, graph=self.graph, graph_updates=self.graph_updates)
+        if inputs is None:
+            inputs = split_inputs(args, kwargs, graph=self.graph, graph_updates=self.graph_updates)
+        no_static = not (self.static_argnums or self.static_argnames)
+        pattern = ArgPattern.of(inputs, args, kwargs) if no_static else None
         graphdef = inputs.graphdef
         modes = (inputs.graph, inputs.updates)
         key = (id(graphdef), inputs.treedef, inputs.node_pos, static_args, modes)
         hit = self._statics.get(key)
         if hit is not None and hit[0] is graphdef:
+            self._fast = _Fast(pattern, graphdef, hit[1], hit[2]) if pattern else None
             return inputs, hit[1], hit[2]
         n = len(inputs.values)
         if self.donate_argnums or self.donate_argnames:
@@ -225,6 +256,7 @@ class JitWrapped:
             self._statics.pop(next(iter(self._statics)))
         # holding the GraphDef keeps its id from being reused while the entry lives
         self._statics[key] = (graphdef, settings, static)
+        self._fast = _Fast(pattern, graphdef, settings, static) if pattern else None
         return inputs, settings, static
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

@@ -27,18 +27,22 @@ with (no structural change), for every transform alike.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import itertools
 import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 
 from refax._config import resolve_modes
 from refax._graph import _cache
 from refax._graph._flatten import FlattenResult, flatten, is_graph_node
 from refax._graph._graphdef import REF, GraphDef, children, skip
 from refax._graph._unflatten import unflatten
+from refax._object import Pytree
 from refax._refs import is_array_ref
 from refax._tracers import EPOCH
 from refax._transforms._checks import check_no_input_returned, shared_reference_error
@@ -161,6 +165,12 @@ class _LazyNodes:
         return len(self.kept)
 
 
+_raw_value = operator.attrgetter("_raw_value")
+_consume = collections.deque(maxlen=0).extend  # runs an iterator to its end
+_repeat = itertools.repeat
+_NODE_TYPES = (Pytree, Variable)  # what is_graph_node accepts
+
+
 def raw(leaf: Any) -> Any:
     """A state leaf's value: a Variable's raw value, anything else as it is."""
     return leaf._raw_value if isinstance(leaf, Variable) else leaf
@@ -188,14 +198,78 @@ def split_inputs(
     nodes = tuple(leaves[i] for i in node_pos)
     for i in node_pos:
         leaves[i] = None
+    return _split_nodes(args, kwargs, treedef, leaves, node_pos, nodes, graph, updates)
+
+
+def _split_nodes(args, kwargs, treedef, other, node_pos, nodes, graph, updates) -> Inputs:
     walk, all_vars = _walk_nodes(nodes)
     if not graph and walk.num_refs:
         raise shared_reference_error(args, kwargs)
     if all_vars:
-        values = [leaf._raw_value for leaf in walk.leaves]
+        values = list(map(_raw_value, walk.leaves))
     else:
-        values = [raw(leaf) for leaf in walk.leaves]
-    return Inputs(treedef, leaves, node_pos, walk, values, nodes, graph, updates)
+        values = list(map(raw, walk.leaves))
+    return Inputs(treedef, other, node_pos, walk, values, nodes, graph, updates)
+
+
+# Types whose values are always exactly one pytree leaf (never a container or a graph node):
+# Python scalars, NumPy arrays, and the jax.Array types met so far (arrays, tracers).
+_PLAIN_LEAVES = {int, float, bool, complex, np.ndarray}
+
+
+def _plain_leaf(x: Any) -> bool:
+    if type(x) in _PLAIN_LEAVES:
+        return True
+    if isinstance(x, jax.Array):
+        _PLAIN_LEAVES.add(type(x))
+        return True
+    return False
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ArgPattern:
+    """Positional arguments that are each a graph node or one plain array or scalar (the
+    usual ``step(model, optimizer, x, y)``): :meth:`split` does what :func:`split_inputs`
+    does without flattening them, for a wrapper called again and again the same way."""
+
+    n: int  # number of positional arguments
+    node_pos: tuple[int, ...]  # where the graph nodes are
+    other_pos: tuple[int, ...]  # where the plain leaves are
+    treedef: Any  # of ``(args, {})``: n leaves
+    modes: tuple[bool, bool]  # (graph, graph_updates) resolved
+
+    @classmethod
+    def of(cls, inputs: Inputs, args: tuple, kwargs: dict) -> ArgPattern | None:
+        """The pattern of a call just split by :func:`split_inputs`, or None when its
+        arguments are not all nodes and plain leaves."""
+        n = len(args)
+        if kwargs or len(inputs.other) != n:
+            return None
+        other_pos = tuple(i for i in range(n) if i not in inputs.node_pos)
+        if not all(_plain_leaf(args[i]) for i in other_pos):
+            return None
+        if inputs.treedef != jax.tree_util.tree_structure(((0,) * n, {})):
+            return None
+        modes = (inputs.graph, inputs.updates)
+        return cls(n, inputs.node_pos, other_pos, inputs.treedef, modes)
+
+    def split(self, args: tuple, graph: bool | None, graph_updates: bool | None) -> Inputs | None:
+        """``split_inputs(args, {}, ...)`` when ``args`` have this pattern, else None."""
+        if len(args) != self.n:
+            return None
+        nodes = tuple(map(args.__getitem__, self.node_pos))
+        if not all(map(isinstance, nodes, _repeat(_NODE_TYPES))):  # is_graph_node
+            return None
+        others = map(type, map(args.__getitem__, self.other_pos))
+        if not all(map(_PLAIN_LEAVES.__contains__, others)):
+            return None
+        modes = resolve_modes(graph, graph_updates)
+        if modes != self.modes:
+            return None
+        other = list(args)
+        for i in self.node_pos:
+            other[i] = None
+        return _split_nodes(args, {}, self.treedef, other, self.node_pos, nodes, *modes)
 
 
 class Info:
@@ -442,9 +516,10 @@ def apply_outputs(inputs: Inputs, info: Info, values: Sequence[Any], out_other: 
     """Step 3: propagates state changes to the caller's objects and builds the output."""
     walk = inputs.walk
     if info.unchanged:
-        leaves = walk.leaves
-        for i, x in zip(info.changed, values):
-            _set_raw(leaves[i], x)  # only Variables: raw arrays take the rebuilding path
+        # only Variables: raw arrays take the rebuilding path
+        _consume(map(_set_raw, map(walk.leaves.__getitem__, info.changed), values))
+        if not info.out_pos and not info.ref_outs:
+            return jax.tree_util.tree_unflatten(info.out_treedef, out_other)
         out_nodes = [walk.nodes[r] for r in info.out_refs]
     else:
         existing = {j: walk.nodes[i] for j, i in info.map}
