@@ -22,9 +22,16 @@ import jax.numpy as jnp
 import numpy as np
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    rule,
+    run_state_machine_as_test,
+)
 
 from refax import nnx
+from refax._graph import _cache
 from refax._graph._flatten import flatten
 
 
@@ -354,3 +361,10 @@ CacheMachine.TestCase.settings = settings(
     derandomize=True, max_examples=12, stateful_step_count=20, deadline=None
 )
 test_cache_never_stale = CacheMachine.TestCase
+
+
+def test_cache_never_stale_with_the_python_comparison(monkeypatch):
+    """The same machine with the pure-Python witness comparison (what runs where the C module
+    ``_fastcheck`` was not built)."""
+    monkeypatch.setattr(_cache, "_check", _cache._PyCheck)
+    run_state_machine_as_test(CacheMachine, settings=CacheMachine.TestCase.settings)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import itertools
 import operator
 import weakref
+from collections.abc import Sequence
 from typing import Any
 
 from refax import _filters
@@ -119,45 +120,29 @@ class Entry:
         for i, ref in self.others:
             if ref() is not roots[i]:
                 return False
-        for i, cls, keys, p, vals in self.root_checks:
-            root = roots[i]
-            if type(root) is not cls:
-                return False
-            d = vars(root)
-            if tuple(d) != keys:
-                return False
-            now = tuple(d.values())  # but for refax's entry, at ``p``
-            if not all(map(_is, now[:p] + now[p + 1 :], vals)):
-                return False
+        check = _check
+        if not check.roots_are(roots, self.root_checks):
+            return False
         objs = self.objs
         if objs:
-            if tuple(map(type, objs)) != self.types:
+            if not check.types_are(objs, self.types):
                 return False
-            now = _chain(_chain_all(map(_values, map(vars, objs))), (_END,))
-            if not all(map(_is, now, self.vals)):
+            if not check.values_are(objs, self.vals, len(self.vals) - 1):
                 return False
             for pos, keys in self.keyed:
                 if tuple(vars(objs[pos])) != keys:
                     return False
-        if tuple(map(type, self.result.leaves)) != self.leaf_types:
+        if not check.types_are(self.result.leaves, self.leaf_types):
             return False
         for pos, i in self.leaf_slots:  # Variables passed as arguments
             if type(roots[i]) is not self.root_leaf_types[pos]:
                 return False
-        if self.lists:
-            lists = self.lists
-            if tuple(map(len, lists)) != self.list_lens:
-                return False
-            if not all(map(_is, _chain_all(lists), self.list_items)):
-                return False
-        if self.dicts:
-            dicts = self.dicts
-            if tuple(map(len, dicts)) != self.dict_lens:
-                return False
-            if tuple(_chain_all(dicts)) != self.dict_keys:
-                return False
-            if not all(map(_is, _chain_all(map(_values, dicts)), self.dict_values)):
-                return False
+        if self.lists and not check.list_items_are(self.lists, self.list_lens, self.list_items):
+            return False
+        if self.dicts and not check.items_are(
+            self.dicts, self.dict_lens, self.dict_keys, self.dict_values
+        ):
+            return False
         for tree, treedef, children in self.trees:
             try:
                 now_def, _, now_children = tree_children(tree)
@@ -176,6 +161,57 @@ class Entry:
             for pos, i in self.leaf_slots:
                 leaves[pos] = roots[i]
         return leaves
+
+
+class _PyCheck:
+    """The witness comparisons ``Entry.valid`` makes, in Python: the same answers as the C
+    module ``_fastcheck`` (built with the package when a compiler is there), which compares
+    dict keys by identity where these compare them by equality (so it can only miss more)."""
+
+    @staticmethod
+    def types_are(xs: Sequence[Any], types: tuple) -> bool:
+        return tuple(map(type, xs)) == types
+
+    @staticmethod
+    def values_are(objs: tuple, expected: tuple, n: int) -> bool:
+        """The values are ``expected[:n]``; ``expected[n]`` is ``_END``, closing them."""
+        now = _chain(_chain_all(map(_values, map(vars, objs))), (_END,))
+        return all(map(_is, now, expected))
+
+    @staticmethod
+    def roots_are(roots: tuple, checks: tuple) -> bool:
+        for i, cls, keys, p, vals in checks:
+            root = roots[i]
+            if type(root) is not cls:
+                return False
+            d = vars(root)
+            if tuple(d) != keys:
+                return False
+            now = tuple(d.values())  # but for refax's entry, at ``p``
+            if not all(map(_is, now[:p] + now[p + 1 :], vals)):
+                return False
+        return True
+
+    @staticmethod
+    def items_are(dicts: tuple, lens: tuple, keys: tuple, values: tuple) -> bool:
+        if tuple(map(len, dicts)) != lens:
+            return False
+        if tuple(_chain_all(dicts)) != keys:
+            return False
+        return all(map(_is, _chain_all(map(_values, dicts)), values))
+
+    @staticmethod
+    def list_items_are(lists: tuple, lens: tuple, items: tuple) -> bool:
+        if tuple(map(len, lists)) != lens:
+            return False
+        return all(map(_is, _chain_all(lists), items))
+
+
+try:
+    from refax._graph import _fastcheck as _C_CHECK  # type: ignore[attr-defined]
+except ImportError:  # not built (no compiler at install time): the Python version
+    _C_CHECK = None
+_check: Any = _C_CHECK if _C_CHECK is not None else _PyCheck
 
 
 def _walks(holder: Any) -> dict | None:
