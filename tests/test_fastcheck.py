@@ -152,3 +152,41 @@ def test_types_are_and_errors():
         C.types_are(xs, list(types))
     with pytest.raises(TypeError):
         C.values_are((object(),), (), 0)  # no __dict__, as vars() would say
+
+
+@needs_c
+@settings(max_examples=100, deadline=None)
+@given(objects, st.lists(st.lists(st.integers(0, 5), max_size=3), max_size=3), st.data())
+def test_witness_is_agrees_after_a_mutation(values, lists, data):
+    """The one-call comparison ``Entry.valid`` makes: both versions agree before and after one
+    write to an object, a list or a leaf list."""
+    objs, expected = make(values)
+    types = tuple(map(type, objs))
+    lists = tuple([POOL[v] for v in items] for items in lists)
+    leaves = [1, "x"]
+    args = [
+        (),
+        (),
+        objs,
+        types,
+        expected,
+        len(expected) - 1,
+        leaves,
+        (int, str),
+        lists,
+        tuple(map(len, lists)),
+        tuple(x for lst in lists for x in lst),
+        (),
+        (),
+        (),
+        (),
+    ]
+    assert C.witness_is(*args) and PY.witness_is(*args)
+    what = data.draw(st.sampled_from(["object", "list", "leaf"]))
+    if what == "object" and objs:
+        vars(objs[0])["z"] = POOL[0]
+    elif what == "list" and lists:
+        lists[0].append(POOL[0])
+    elif what == "leaf":
+        leaves[0] = 1.0
+    assert C.witness_is(*args) == PY.witness_is(*args)

@@ -120,29 +120,30 @@ class Entry:
         for i, ref in self.others:
             if ref() is not roots[i]:
                 return False
-        check = _check
-        if not check.roots_are(roots, self.root_checks):
+        if not _check.witness_is(
+            roots,
+            self.root_checks,
+            self.objs,
+            self.types,
+            self.vals,
+            len(self.vals) - 1,
+            self.result.leaves,
+            self.leaf_types,
+            self.lists,
+            self.list_lens,
+            self.list_items,
+            self.dicts,
+            self.dict_lens,
+            self.dict_keys,
+            self.dict_values,
+        ):
             return False
-        objs = self.objs
-        if objs:
-            if not check.types_are(objs, self.types):
+        for pos, keys in self.keyed:
+            if tuple(vars(self.objs[pos])) != keys:
                 return False
-            if not check.values_are(objs, self.vals, len(self.vals) - 1):
-                return False
-            for pos, keys in self.keyed:
-                if tuple(vars(objs[pos])) != keys:
-                    return False
-        if not check.types_are(self.result.leaves, self.leaf_types):
-            return False
         for pos, i in self.leaf_slots:  # Variables passed as arguments
             if type(roots[i]) is not self.root_leaf_types[pos]:
                 return False
-        if self.lists and not check.list_items_are(self.lists, self.list_lens, self.list_items):
-            return False
-        if self.dicts and not check.items_are(
-            self.dicts, self.dict_lens, self.dict_keys, self.dict_values
-        ):
-            return False
         for tree, treedef, children in self.trees:
             try:
                 now_def, _, now_children = tree_children(tree)
@@ -205,6 +206,34 @@ class _PyCheck:
         if tuple(map(len, lists)) != lens:
             return False
         return all(map(_is, _chain_all(lists), items))
+
+    @classmethod
+    def witness_is(
+        cls,
+        roots: tuple,
+        root_checks: tuple,
+        objs: tuple,
+        types: tuple,
+        vals: tuple,
+        n: int,
+        leaves: Sequence[Any],
+        leaf_types: tuple,
+        lists: tuple,
+        list_lens: tuple,
+        list_items: tuple,
+        dicts: tuple,
+        dict_lens: tuple,
+        dict_keys: tuple,
+        dict_values: tuple,
+    ) -> bool:
+        """All of the above, as ``Entry.valid`` makes them (empty groups are skipped)."""
+        return (
+            cls.roots_are(roots, root_checks)
+            and (not objs or (cls.types_are(objs, types) and cls.values_are(objs, vals, n)))
+            and cls.types_are(leaves, leaf_types)
+            and (not lists or cls.list_items_are(lists, list_lens, list_items))
+            and (not dicts or cls.items_are(dicts, dict_lens, dict_keys, dict_values))
+        )
 
 
 try:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import itertools
 import operator
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -167,7 +166,6 @@ class _LazyNodes:
 
 _raw_value = operator.attrgetter("_raw_value")
 _consume = collections.deque(maxlen=0).extend  # runs an iterator to its end
-_repeat = itertools.repeat
 _NODE_TYPES = (Pytree, Variable)  # what is_graph_node accepts
 
 
@@ -257,18 +255,18 @@ class ArgPattern:
         """``split_inputs(args, {}, ...)`` when ``args`` have this pattern, else None."""
         if len(args) != self.n:
             return None
-        nodes = tuple(map(args.__getitem__, self.node_pos))
-        if not all(map(isinstance, nodes, _repeat(_NODE_TYPES))):  # is_graph_node
-            return None
-        others = map(type, map(args.__getitem__, self.other_pos))
-        if not all(map(_PLAIN_LEAVES.__contains__, others)):
-            return None
+        other = list(args)
+        for i in self.other_pos:
+            if type(other[i]) not in _PLAIN_LEAVES:
+                return None
+        for i in self.node_pos:
+            if not isinstance(other[i], _NODE_TYPES):  # is_graph_node
+                return None
+            other[i] = None
         modes = resolve_modes(graph, graph_updates)
         if modes != self.modes:
             return None
-        other = list(args)
-        for i in self.node_pos:
-            other[i] = None
+        nodes = tuple(map(args.__getitem__, self.node_pos))
         return _split_nodes(args, {}, self.treedef, other, self.node_pos, nodes, *modes)
 
 
