@@ -17,7 +17,9 @@ Variants, each on its own copy of the same initial state (so every one runs the 
   functional pattern of the docs);
 * ``flax nnx.jit`` and ``flax cached_partial``: the same model code on ``flax.nnx``.
 
-Every timed call blocks on the loss (all outputs of a step come from one executable). The
+Every timed call blocks on the loss (all outputs of a step come from one executable). In full
+mode each step figure pools 24 short rounds in which the variants take turns (``STEP_ROUNDS``),
+so a swing of the machine's speed hits every variant alike. The
 other tables time a first call (trace + compile) of a fresh jitted function and its
 ``.lower()`` (trace + lowering, no compile), and ``refax.eval_shape`` of a model constructor
 against eager construction.
@@ -29,6 +31,7 @@ import gc
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from types import ModuleType
 from typing import Any
 
@@ -50,6 +53,7 @@ STEP_TARGET = 1.2  # refax.jit / pure JAX, per step
 FIRST_TARGET = 1.5  # refax / pure JAX, first call and trace
 EVAL_SHAPE_TARGET = 2.0  # refax.eval_shape / eager construction
 EVAL_SHAPE_DEPTH = 166  # 6 Variables per block + 2: 998 Variables
+STEP_ROUNDS = 24  # interleaved rounds per step figure (full mode)
 CHECK_STEPS = 2  # steps compared across variants before timing (see Setup.check)
 CHECK_RTOL = 1e-3
 
@@ -428,6 +432,9 @@ def run(settings: Settings) -> SuiteResult:
 
     quick = settings.rounds == 1
     step_depths = DEPTHS[:-1] if quick else DEPTHS
+    # Many short interleaved rounds (as benchmarks/step_ab.py takes): this machine's speed
+    # swings within seconds, and a ratio of a few percent needs each swing to hit every variant.
+    step_settings = settings if quick else replace(settings, rounds=STEP_ROUNDS, target_s=1.0)
     _install_recorder()
 
     headers = ["depth", "Variables"] + [LABELS[v] for v in VARIANTS]
@@ -450,7 +457,7 @@ def run(settings: Settings) -> SuiteResult:
             check_notes[-1] += f" (MISMATCH: {', '.join(bad)})"
             failed.append(f"train_step: variants disagree at depth {depth}: {', '.join(bad)}")
         timings: dict[str, Timing] = measure_interleaved(
-            {v: (c, None) for v, c in s.calls.items()}, settings
+            {v: (c, None) for v, c in s.calls.items()}, step_settings
         )
         med = {v: t.median for v, t in timings.items()}
         ratio = med["refax"] / med["pure"]
