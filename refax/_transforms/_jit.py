@@ -78,6 +78,7 @@ class JitSettings:
     in_shardings: tuple | None  # one per state leaf, when in_shardings is given
     out_shardings: _HashableTree | None
     in_paths: tuple  # the state leaves' paths, when in_shardings is given
+    donates: bool = False  # any(value_mask) or any(other_mask)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -250,7 +251,10 @@ class JitWrapped:
             else None
         )
         in_paths = tuple(inputs.walk.paths) if in_sh is not None else ()
-        settings = JitSettings(static_args, value_mask, other_mask, in_sh, self._out_sh, in_paths)
+        donates = any(value_mask) or any(other_mask)
+        settings = JitSettings(
+            static_args, value_mask, other_mask, in_sh, self._out_sh, in_paths, donates
+        )
         static = inputs.static(settings)
         if len(self._statics) >= 64:
             self._statics.pop(next(iter(self._statics)))
@@ -262,6 +266,9 @@ class JitWrapped:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         n_cached = len(self._statics)
         inputs, settings, static = self._prepare(args, kwargs)
+        if not settings.donates:
+            info, values, out_other = self._jitted(static, [], inputs.values, [], inputs.other)
+            return apply_outputs(inputs, info.value, values, out_other)
         dv, kv = split_by_mask(settings.value_mask, inputs.values)
         do, ko = split_by_mask(settings.other_mask, inputs.other)
         if dv and len(self._statics) != n_cached:  # a new structure: this call compiles

@@ -517,7 +517,7 @@ def apply_outputs(inputs: Inputs, info: Info, values: Sequence[Any], out_other: 
         # only Variables: raw arrays take the rebuilding path
         _consume(map(_set_raw, map(walk.leaves.__getitem__, info.changed), values))
         if not info.out_pos and not info.ref_outs:
-            return jax.tree_util.tree_unflatten(info.out_treedef, out_other)
+            return info.out_treedef.unflatten(out_other)
         out_nodes = [walk.nodes[r] for r in info.out_refs]
     else:
         existing = {j: walk.nodes[i] for j, i in info.map}
