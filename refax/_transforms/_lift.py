@@ -211,14 +211,14 @@ def _split_nodes(args, kwargs, treedef, other, node_pos, nodes, graph, updates) 
 
 
 # Types whose values are always exactly one pytree leaf (never a container or a graph node):
-# Python scalars, NumPy arrays, and the jax.Array types met so far (arrays, tracers).
+# Python scalars, NumPy arrays, and the jax.Array and NumPy scalar types met so far.
 _PLAIN_LEAVES = {int, float, bool, complex, np.ndarray}
 
 
 def _plain_leaf(x: Any) -> bool:
     if type(x) in _PLAIN_LEAVES:
         return True
-    if isinstance(x, jax.Array):
+    if isinstance(x, (jax.Array, np.generic)):
         _PLAIN_LEAVES.add(type(x))
         return True
     return False
