@@ -2,8 +2,10 @@
  *
  * Each function compares what a kept walk read with what is there now and returns True only
  * if every compared object is the very same one (identity: no Python code runs, no __eq__).
- * refax/_graph/_cache.py has a pure-Python version of each with the same semantics, used when
- * this module is not built; tests/test_cache_stateful.py runs against both.
+ * refax/_graph/_cache.py has a pure-Python version of each (_PyCheck), used when this module
+ * is not built; it compares dict keys by equality where these compare them by identity, so
+ * this module never accepts what the Python version refuses. tests/test_cache_stateful.py runs
+ * against both, tests/test_fastcheck.py compares them.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
