@@ -49,9 +49,12 @@ _ARR_ENTRY = (ARR,)
 _is = operator.is_
 
 
+NODE_TYPES = (Pytree, Variable)  # the graph nodes: Objects (Modules, Rngs, ...) and Variables
+
+
 def is_graph_node(value: Any) -> bool:
     """True for Objects (Modules, Rngs, ...) and Variables."""
-    return isinstance(value, (Pytree, Variable))
+    return isinstance(value, NODE_TYPES)
 
 
 def path_str(path: Sequence[Any]) -> str:

@@ -38,10 +38,9 @@ import numpy as np
 
 from refax._config import resolve_modes
 from refax._graph import _cache
-from refax._graph._flatten import FlattenResult, flatten, is_graph_node
+from refax._graph._flatten import NODE_TYPES, FlattenResult, flatten, is_graph_node
 from refax._graph._graphdef import REF, GraphDef, children, skip
 from refax._graph._unflatten import unflatten
-from refax._object import Pytree
 from refax._refs import is_array_ref
 from refax._tracers import EPOCH
 from refax._transforms._checks import check_no_input_returned, shared_reference_error
@@ -166,7 +165,6 @@ class _LazyNodes:
 
 _raw_value = operator.attrgetter("_raw_value")
 _consume = collections.deque(maxlen=0).extend  # runs an iterator to its end
-_NODE_TYPES = (Pytree, Variable)  # what is_graph_node accepts
 
 
 def raw(leaf: Any) -> Any:
@@ -260,7 +258,7 @@ class ArgPattern:
             if type(other[i]) not in _PLAIN_LEAVES:
                 return None
         for i in self.node_pos:
-            if not isinstance(other[i], _NODE_TYPES):  # is_graph_node
+            if not isinstance(other[i], NODE_TYPES):  # is_graph_node, inline
                 return None
             other[i] = None
         modes = resolve_modes(graph, graph_updates)
