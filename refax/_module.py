@@ -54,6 +54,22 @@ def _record_error(
     )
 
 
+def _as_type(variable_type: type[Variable] | str) -> type[Variable]:
+    """A Variable type, or the one registered under a name (registered now if new)."""
+    if isinstance(variable_type, str):
+        return variable_type_from_name(variable_type, allow_register=True)
+    return variable_type
+
+
+def _captured(module: Any, variable_type: type) -> tuple[bool, Variable | None]:
+    """``(capturing, var)``: whether ``module`` runs inside :func:`refax.capture`, and then the
+    capture's Variable collecting ``variable_type`` (None when that type is not captured)."""
+    captures = module.__dict__.get(_CAPTURES)
+    if captures is None:
+        return False, None
+    return True, next((v for v in captures if type(v) is variable_type), None)
+
+
 def _tuple_reduce(xs: Any, x: Any) -> tuple:
     return (*xs, x)
 
@@ -108,17 +124,15 @@ class Module(Pytree):
         Returns:
           True if the value was recorded.
         """
-        if isinstance(variable_type, str):
-            variable_type = variable_type_from_name(variable_type, allow_register=True)
-        captures = self.__dict__.get(_CAPTURES)
-        if captures is not None:
-            for var in captures:
-                if type(var) is variable_type:
-                    records = var.get_value()
-                    previous = records[name] if name in records else init_fn()
-                    var.set_value({**records, name: reduce_fn(previous, value)})
-                    return True
-            return False
+        variable_type = _as_type(variable_type)
+        capturing, var = _captured(self, variable_type)
+        if capturing:
+            if var is None:
+                return False
+            records = var.get_value()
+            previous = records[name] if name in records else init_fn()
+            var.set_value({**records, name: reduce_fn(previous, value)})
+            return True
         existing = self.__dict__.get(name, _MISSING)
         if existing is _MISSING:
             setattr(self, name, variable_type(reduce_fn(init_fn(), value)))
@@ -147,18 +161,16 @@ class Module(Pytree):
         Returns:
           ``value + perturbation``: use it in place of ``value``.
         """
-        if isinstance(variable_type, str):
-            variable_type = variable_type_from_name(variable_type, allow_register=True)
-        captures = self.__dict__.get(_CAPTURES)
-        if captures is not None:
-            for var in captures:
-                if type(var) is variable_type:
-                    records = var.get_value()
-                    if name not in records:
-                        records = {**records, name: jax.tree.map(jnp.zeros_like, value)}
-                        var.set_value(records)
-                    return jax.tree.map(jnp.add, records[name], value)
-            return value
+        variable_type = _as_type(variable_type)
+        capturing, var = _captured(self, variable_type)
+        if capturing:
+            if var is None:
+                return value
+            records = var.get_value()
+            if name not in records:
+                records = {**records, name: jax.tree.map(jnp.zeros_like, value)}
+                var.set_value(records)
+            return jax.tree.map(jnp.add, records[name], value)
         existing = self.__dict__.get(name, _MISSING)
         if existing is _MISSING:
             setattr(self, name, variable_type(jax.tree.map(jnp.zeros_like, value)))
