@@ -110,6 +110,8 @@ class Entry:
         "root_leaf_types",
         "others",
         "extra",
+        "holder",
+        "key",
         "__weakref__",
     )
 
@@ -270,6 +272,23 @@ def lookup(roots: tuple, key: tuple) -> Entry | None:
     return None
 
 
+def still_kept(entry: Entry, roots: tuple) -> bool:
+    """True when ``entry``, returned by an earlier :func:`lookup` or :func:`store` for
+    ``roots``' key, is still kept by the same holder and valid for ``roots``: what
+    ``lookup(roots, key) is entry`` would say, without building the key or searching the
+    roots (a caller that keeps a weak reference to the entry of its last call)."""
+    root = roots[entry.holder] if len(roots) > entry.holder else None
+    st = root.__dict__.get(_STATE_ATTR) if isinstance(root, Pytree) else None
+    walks = st.walks if st is not None else None
+    # the holder's identity: the entry lives in the ``walks`` of the object it was made for
+    if not walks or walks.get(entry.key) is not entry:
+        return False
+    if entry.valid(roots):
+        return True
+    walks.pop(entry.key, None)
+    return False
+
+
 def seen_before(roots: tuple, key: tuple) -> bool:
     """True if ``roots`` were walked with ``key`` before; otherwise remembers that they were.
 
@@ -294,8 +313,9 @@ def store(
     root_nodes: tuple[int, ...],
     kept: FlattenResult,
     extra: Any = None,
-) -> None:
-    """Keeps ``result`` (the walk of ``roots``, started at structure epoch ``epoch``).
+) -> Entry | None:
+    """Keeps ``result`` (the walk of ``roots``, started at structure epoch ``epoch``) and
+    returns its entry (None when the walk cannot be kept).
 
     Args:
       roots: the argument objects of the walk.
@@ -309,12 +329,14 @@ def store(
     """
     witness = result.witness
     if witness is None or not witness.cacheable:
-        return
+        return None
     holder = _holder(roots, root_nodes, result.ref_targets)
     if holder is None:
-        return
+        return None
     walks = _walks(roots[holder])
     entry = Entry()
+    entry.holder = holder
+    entry.key = key
     entry.result = kept
     entry.extra = extra
     entry.epoch = epoch
@@ -365,6 +387,7 @@ def store(
     evict = _Evict(weakref.ref(roots[holder]), key)
     entry.others = tuple((i, weakref.ref(r, evict)) for i, r in enumerate(roots) if i != holder)
     _insert(walks, key, entry)
+    return entry
 
 
 def _holder(roots: tuple, root_nodes: tuple[int, ...], ref_targets: frozenset) -> int | None:

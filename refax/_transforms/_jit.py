@@ -31,6 +31,7 @@ import dataclasses
 import functools
 import inspect
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -81,17 +82,29 @@ class JitSettings:
     donates: bool = False  # any(value_mask) or any(other_mask)
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class _Fast:
     """The last call of a wrapper whose positional arguments were each a graph node or a
     plain array (:class:`ArgPattern`), with what ``_prepare`` found for it: a call with the
     same pattern whose walk gives the very same GraphDef skips flattening the arguments and
-    looking up the settings."""
+    looking up the settings. It holds the walk cache entry of that call weakly, tried first
+    by the next call's walk lookup (``_cache.still_kept``)."""
 
-    pattern: ArgPattern
-    graphdef: GraphDef
-    settings: JitSettings
-    static: Static
+    __slots__ = ("pattern", "graphdef", "settings", "static", "entry")
+
+    def __init__(self, pattern: ArgPattern, inputs: Inputs, settings: JitSettings, static: Static):
+        self.pattern = pattern
+        self.graphdef: GraphDef = inputs.graphdef
+        self.settings = settings
+        self.static = static
+        self.entry: Callable[[], Any] = _weak(inputs.entry)
+
+
+def _no_entry() -> None:
+    return None
+
+
+def _weak(entry: Any) -> Callable[[], Any]:
+    return _no_entry if entry is None else weakref.ref(entry)
 
 
 def _rewarn_donation(caught: list, inputs: Inputs, value_mask: tuple) -> None:
@@ -221,8 +234,11 @@ class JitWrapped:
     def _prepare(self, args: tuple, kwargs: dict) -> tuple[Inputs, JitSettings, Static]:
         fast, inputs = self._fast, None
         if fast is not None and not kwargs:  # (only without static arguments)
-            inputs = fast.pattern.split(args, self.graph, self.graph_updates)
+            hint = fast.entry()
+            inputs = fast.pattern.split(args, self.graph, self.graph_updates, hint)
             if inputs is not None and inputs.graphdef is fast.graphdef:
+                if inputs.entry is not hint:
+                    fast.entry = _weak(inputs.entry)
                 return inputs, fast.settings, fast.static
         args, kwargs, static_args = extract_static(
             args, kwargs, self.static_argnums, self.static_argnames, "jit"
@@ -236,7 +252,7 @@ class JitWrapped:
         key = (id(graphdef), inputs.treedef, inputs.node_pos, static_args, modes)
         hit = self._statics.get(key)
         if hit is not None and hit[0] is graphdef:
-            self._fast = _Fast(pattern, graphdef, hit[1], hit[2]) if pattern else None
+            self._fast = _Fast(pattern, inputs, hit[1], hit[2]) if pattern else None
             return inputs, hit[1], hit[2]
         n = len(inputs.values)
         if self.donate_argnums or self.donate_argnames:
@@ -260,7 +276,7 @@ class JitWrapped:
             self._statics.pop(next(iter(self._statics)))
         # holding the GraphDef keeps its id from being reused while the entry lives
         self._statics[key] = (graphdef, settings, static)
-        self._fast = _Fast(pattern, graphdef, settings, static) if pattern else None
+        self._fast = _Fast(pattern, inputs, settings, static) if pattern else None
         return inputs, settings, static
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

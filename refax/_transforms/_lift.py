@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import operator
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -66,7 +67,9 @@ class Static:
         return h
 
 
-jax.tree_util.register_pytree_node(Static, lambda s: ((), s.value), lambda v, _: Static(v))
+# the Static itself is the auxiliary data: unflattening (every jitted call's output) builds
+# nothing, and its hash, computed once, is reused by every lookup of JAX's caches
+jax.tree_util.register_pytree_node(Static, lambda s: ((), s), lambda s, _: s)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -86,9 +89,19 @@ class Call:
 class Inputs:
     """The arguments of one call, split into graph state and everything else."""
 
-    __slots__ = ("treedef", "other", "node_pos", "walk", "values", "nodes", "graph", "updates")
+    __slots__ = (
+        "treedef",
+        "other",
+        "node_pos",
+        "walk",
+        "values",
+        "nodes",
+        "graph",
+        "updates",
+        "entry",
+    )
 
-    def __init__(self, treedef, other, node_pos, walk, values, nodes, graph, updates):
+    def __init__(self, treedef, other, node_pos, walk, values, nodes, graph, updates, entry):
         self.treedef = treedef  # of (args, kwargs) with graph nodes as leaves
         self.other = other  # the pytree leaves, None where a node stood
         self.node_pos = node_pos  # positions of the nodes among the leaves
@@ -97,6 +110,7 @@ class Inputs:
         self.nodes: tuple = nodes  # the argument objects, in order of node_pos
         self.graph: bool = graph  # the resolved modes of this call
         self.updates: bool = updates
+        self.entry: Any = entry  # the walk cache's entry (``_cache.Entry``), or None
 
     @property
     def graphdef(self) -> GraphDef:
@@ -121,11 +135,15 @@ def root_index(graphdef: GraphDef) -> tuple[int, ...]:
     return tuple(ops[j][1] if ops[j][0] == REF else ops[j][2] for j in children(ops, 0))
 
 
-def _walk_nodes(nodes: tuple) -> tuple[FlattenResult, bool]:
+def _walk_nodes(nodes: tuple, hint: Any = None) -> tuple[FlattenResult, bool, Any]:
     """The joint walk of ``nodes`` (kept on one of them while a fresh walk would give the
-    same result, see ``refax/_graph/_cache.py``) and whether every leaf is a Variable."""
-    key = (_LIFT_KEY, *map(id, nodes))
-    entry = _cache.lookup(nodes, key)
+    same result, see ``refax/_graph/_cache.py``), whether every leaf is a Variable, and the
+    cache entry it came from or went to (None when it cannot be kept). ``hint``: the entry
+    of an earlier call, tried first."""
+    if hint is not None and _cache.still_kept(hint, nodes):
+        entry = hint
+    else:
+        entry = _cache.lookup(nodes, (_LIFT_KEY, *map(id, nodes)))
     if entry is not None:
         all_vars, roots = entry.extra
         kept = entry.result
@@ -133,7 +151,7 @@ def _walk_nodes(nodes: tuple) -> tuple[FlattenResult, bool]:
             kept.graphdef, None, None, entry.leaves(nodes), kept.paths, kept.num_refs
         )
         view.nodes = _LazyNodes(kept.nodes, roots, nodes)
-        return view, all_vars
+        return view, all_vars, entry
     epoch = EPOCH.value
     walk = flatten(nodes, with_paths=True)
     all_vars = all(isinstance(leaf, Variable) for leaf in walk.leaves)
@@ -141,8 +159,9 @@ def _walk_nodes(nodes: tuple) -> tuple[FlattenResult, bool]:
         walk.graphdef, None, list(walk.nodes), list(walk.leaves), walk.paths, walk.num_refs
     )
     roots = root_index(walk.graphdef)
-    _cache.store(nodes, key, walk, epoch, roots, kept, (all_vars, roots))
-    return walk, all_vars
+    key = (_LIFT_KEY, *map(id, nodes))
+    entry = _cache.store(nodes, key, walk, epoch, roots, kept, (all_vars, roots))
+    return walk, all_vars, entry
 
 
 class _LazyNodes:
@@ -197,15 +216,17 @@ def split_inputs(
     return _split_nodes(args, kwargs, treedef, leaves, node_pos, nodes, graph, updates)
 
 
-def _split_nodes(args, kwargs, treedef, other, node_pos, nodes, graph, updates) -> Inputs:
-    walk, all_vars = _walk_nodes(nodes)
+def _split_nodes(
+    args, kwargs, treedef, other, node_pos, nodes, graph, updates, hint=None
+) -> Inputs:
+    walk, all_vars, entry = _walk_nodes(nodes, hint)
     if not graph and walk.num_refs:
         raise shared_reference_error(args, kwargs)
     if all_vars:
         values = list(map(_raw_value, walk.leaves))
     else:
         values = list(map(raw, walk.leaves))
-    return Inputs(treedef, other, node_pos, walk, values, nodes, graph, updates)
+    return Inputs(treedef, other, node_pos, walk, values, nodes, graph, updates, entry)
 
 
 # Types whose values are always exactly one pytree leaf (never a container or a graph node):
@@ -222,6 +243,17 @@ def _plain_leaf(x: Any) -> bool:
     return False
 
 
+def _getter(pos: tuple[int, ...]) -> Callable[[tuple], tuple]:
+    """``args -> tuple(args[i] for i in pos)``, as one C call."""
+    start = pos[0] if pos else 0
+    if pos == tuple(range(start, start + len(pos))):
+        return operator.itemgetter(slice(start, start + len(pos)))
+    return operator.itemgetter(*pos)  # (two or more positions: it returns a tuple)
+
+
+_NODE_TYPES_EACH = itertools.repeat(NODE_TYPES)
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class ArgPattern:
     """Positional arguments that are each a graph node or one plain array or scalar (the
@@ -233,6 +265,8 @@ class ArgPattern:
     other_pos: tuple[int, ...]  # where the plain leaves are
     treedef: Any  # of ``(args, {})``: n leaves
     modes: tuple[bool, bool]  # (graph, graph_updates) resolved
+    nodes_of: Callable[[tuple], tuple]  # args -> the nodes
+    others_of: Callable[[tuple], tuple]  # args -> the plain leaves
 
     @classmethod
     def of(cls, inputs: Inputs, args: tuple, kwargs: dict) -> ArgPattern | None:
@@ -247,25 +281,30 @@ class ArgPattern:
         if inputs.treedef != jax.tree_util.tree_structure(((0,) * n, {})):
             return None
         modes = (inputs.graph, inputs.updates)
-        return cls(n, inputs.node_pos, other_pos, inputs.treedef, modes)
+        node_pos = inputs.node_pos
+        return cls(
+            n, node_pos, other_pos, inputs.treedef, modes, _getter(node_pos), _getter(other_pos)
+        )
 
-    def split(self, args: tuple, graph: bool | None, graph_updates: bool | None) -> Inputs | None:
-        """``split_inputs(args, {}, ...)`` when ``args`` have this pattern, else None."""
+    def split(
+        self, args: tuple, graph: bool | None, graph_updates: bool | None, hint: Any = None
+    ) -> Inputs | None:
+        """``split_inputs(args, {}, ...)`` when ``args`` have this pattern, else None;
+        ``hint``: the walk cache entry of an earlier call (see :func:`_walk_nodes`)."""
         if len(args) != self.n:
             return None
-        other = list(args)
-        for i in self.other_pos:
-            if type(other[i]) not in _PLAIN_LEAVES:
-                return None
-        for i in self.node_pos:
-            if not isinstance(other[i], NODE_TYPES):  # is_graph_node, inline
-                return None
-            other[i] = None
+        nodes = self.nodes_of(args)
+        if not all(map(isinstance, nodes, _NODE_TYPES_EACH)):  # is_graph_node, inlined
+            return None
+        if not all(map(_PLAIN_LEAVES.__contains__, map(type, self.others_of(args)))):
+            return None
         modes = resolve_modes(graph, graph_updates)
         if modes != self.modes:
             return None
-        nodes = tuple(map(args.__getitem__, self.node_pos))
-        return _split_nodes(args, {}, self.treedef, other, self.node_pos, nodes, *modes)
+        other = list(args)
+        for i in self.node_pos:
+            other[i] = None
+        return _split_nodes(args, {}, self.treedef, other, self.node_pos, nodes, *modes, hint)
 
 
 class Info:

@@ -148,3 +148,57 @@ def test_graph_updates_mode_changed_between_calls():
     assert m.w is before
     replace(m, 1.0)
     assert m.w is not before
+
+
+# -- the walk cache entry the fast path tries first (``_Fast.entry``, ``_cache.still_kept``) --
+class Holder(nnx.Module):
+    def __init__(self, child: Counter):
+        self.child = child
+        self.own = nnx.BatchStat(jnp.asarray(0.0))
+
+
+@nnx.jit
+def bump_both(a, b):
+    a.count[...] += 1
+    b.own[...] += 1
+
+
+def test_another_object_beside_the_entry_holder():
+    m, h1, h2 = Counter(), Holder(Counter()), Holder(Counter())
+    for _ in range(3):
+        bump_both(m, h1)
+    bump_both(m, h2)  # the first root keeps the entry; the second is another object now
+    np.testing.assert_allclose([m.count[...], h1.own[...], h2.own[...]], [4.0, 3.0, 1.0])
+
+
+def test_the_entry_holder_is_another_object_with_the_same_layout():
+    # the holder is the second root (the first is reachable from it): the hint's holder check
+    child = Counter()
+    h1, h2 = Holder(child), Holder(child)
+    for _ in range(3):
+        bump_both(child, h1)
+    bump_both(child, h2)
+    np.testing.assert_allclose([child.count[...], h1.own[...], h2.own[...]], [4.0, 3.0, 1.0])
+
+
+def test_the_hint_follows_a_new_entry():
+    from refax._graph import _cache
+
+    m = Counter()
+    step(m, 1.0)
+    step(m, 1.0)
+    first = step._fast.entry()
+    assert first is not None
+    _cache.clear(m)  # drops the kept walks: the next walk stores a new entry
+    step(m, 1.0)
+    step(m, 1.0)
+    hint = step._fast.entry()
+    assert hint is not None and hint is not first
+    assert _cache.still_kept(hint, (m,))
+    np.testing.assert_allclose(m.count[...], 4)
+    # once the structure changes the entry is dropped, and its weak reference with it
+    m.extra = nnx.Param(jnp.ones(1))
+    step(m, 1.0)
+    gc.collect()
+    assert step._fast.entry() is not hint
+    np.testing.assert_allclose(m.count[...], 5)
