@@ -532,8 +532,8 @@ def run(settings: Settings) -> SuiteResult:
             "quick mode: depth 64 (~10 s of XLA compile per variant) is left out, and so are "
             "first calls at depth 16 and flax's eval_shape"
         )
-    if settings.rounds > 1:
-        notes.append(f"step figures pool {settings.rounds} interleaved rounds")
+    if step_settings.rounds > 1:
+        notes.append(f"step figures pool {step_settings.rounds} interleaved rounds")
     if spreads:
         notes.append("noisy (IQR > 25% of median): " + ", ".join(spreads))
     tables = [
