@@ -456,6 +456,13 @@ class State(MutableMapping[Key, Any]):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({_repr_dict(self._mapping)})"
 
+    def __treescope_repr__(self, path: str | None, subtree_renderer: Any) -> Any:
+        """Treescope (``nnx.display`` in a notebook) shows a State as its type wrapped around
+        a foldable dict of its levels and leaves."""
+        from treescope import repr_lib  # (a runtime dependency; imported when first shown)
+
+        return repr_lib.render_dictionary_wrapper(type(self), self._mapping, path, subtree_renderer)
+
     def __reduce__(self):
         return (type(self)._from_dict_unsafe, (self._mapping,))
 

@@ -174,6 +174,20 @@ def test_treescope_module_and_variable():
     assert text.startswith("Param(") and "value=" in text and "tag='w'" in text
 
 
+def test_treescope_state_is_a_wrapped_dict_of_its_levels():
+    from refax import nnx
+
+    state = nnx.State({"b": Param(jnp.float32(1.0)), "layers": {0: {"w": jnp.float32(2.0)}}})
+    assert treescope.render_to_text(state) == (
+        "State({\n"
+        "  'b': Param(value=<jax.Array(1., dtype=float32)>),\n"
+        "  'layers': {0: {'w': <jax.Array(2., dtype=float32)>}},\n"
+        "})"
+    )
+    assert treescope.render_to_text(nnx.State({})) == "State({})"
+    assert treescope.render_to_html(state).startswith("<")  # the notebook path renders too
+
+
 def test_treescope_handles_sharing_and_cycles():
     a, b = Node(), Node()
     a.b = b
