@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import shutil
 import socket
 import subprocess
 import sys
@@ -254,9 +253,9 @@ def train(args: argparse.Namespace) -> float:
     ckpt = out / "checkpoint"
     # An orbax save is collective: every process calls it, process 0 (the primary host) creates
     # the directory, writes the metadata and commits; orbax spreads the bytes of replicated
-    # arrays over the processes holding them. Replacing an old checkpoint (overwrite=True) is
-    # done by whoever calls it, so with several processes the launcher removed it beforehand.
-    checkpoint.save(ckpt, model, overwrite=jax.process_count() == 1)
+    # arrays over the processes holding them. An old checkpoint (from an earlier run) is
+    # replaced by process 0 once the new one is complete.
+    checkpoint.save(ckpt, model, overwrite=True)
     restored = checkpoint.restore(ckpt, abstract_replicated(mesh))
     restored.eval()
     same = bool(all_equal(predict(model, x_eval), predict(restored, x_eval)))
@@ -286,7 +285,6 @@ def launch(args: argparse.Namespace, argv: Sequence[str]) -> int:
     Process 0 prints to this terminal; the others' output goes to a log shown if they fail.
     When one process fails the others are stopped (they would wait for it forever).
     """
-    shutil.rmtree(pathlib.Path(args.out) / "checkpoint", ignore_errors=True)
     port = free_port()
     procs, logs = [], []
     for i in range(args.processes):

@@ -40,6 +40,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from refax._graph import is_graph_node
 from refax._graph import state as _state
@@ -156,7 +157,9 @@ def save(path: str | os.PathLike, target: Any, *, overwrite: bool = False) -> pa
       path: the checkpoint directory (created; its parent must exist).
       target: a graph node (model, optimizer, ...), a State, or a pure dict of arrays.
       overwrite: replace an existing checkpoint at ``path``. The new one is written under
-        another name first; the old one is removed only once the new one is complete.
+        another name first; the old one is removed only once the new one is complete. With
+        several processes every process calls ``save`` (as orbax requires) and the primary
+        one replaces the directory.
 
     Returns:
       The absolute path of the checkpoint.
@@ -174,7 +177,8 @@ def save(path: str | os.PathLike, target: Any, *, overwrite: bool = False) -> pa
       ['bias', 'kernel']
     """
     path = pathlib.Path(path).absolute()
-    if path.exists() and not overwrite:
+    exists = path.exists()
+    if exists and not overwrite:
         raise FileExistsError(f"A checkpoint exists at {path}; pass overwrite=True to replace it.")
     flat = {}
     for p, leaf in _flat(target).items():
@@ -187,22 +191,40 @@ def save(path: str | os.PathLike, target: Any, *, overwrite: bool = False) -> pa
         flat[p] = jax.random.key_data(value) if _is_key(value) else value
     tree = _nest(flat)
     ckptr = _checkpointer()
-    if not path.exists():
+    # With several processes (jax.distributed) every one calls save, orbax's save is
+    # collective, and only the primary process moves directories, between barriers: every
+    # process has looked at ``path`` before anything is written, and none returns before the
+    # new checkpoint is in place.
+    _barrier("refax.checkpoint.save: checked")
+    if not exists:
         ckptr.save(path, tree)  # orbax writes under a temporary name, then renames
         ckptr.wait_until_finished()
+        _barrier("refax.checkpoint.save: written")
         return path
     new = path.with_name(path.name + _NEW)
     old = path.with_name(path.name + _OLD)
-    for leftover in path.parent.glob(glob.escape(new.name) + "*"):
-        shutil.rmtree(leftover)  # left by an interrupted overwrite: incomplete by construction
+    primary = jax.process_index() == 0
+    if primary:
+        for leftover in path.parent.glob(glob.escape(new.name) + "*"):
+            shutil.rmtree(leftover)  # left by an interrupted overwrite: incomplete by construction
+    _barrier("refax.checkpoint.save: cleaned")
     ckptr.save(new, tree)
     ckptr.wait_until_finished()
-    if old.exists():
+    _barrier("refax.checkpoint.save: written")
+    if primary:
+        if old.exists():
+            shutil.rmtree(old)
+        path.rename(old)
+        new.rename(path)
         shutil.rmtree(old)
-    path.rename(old)
-    new.rename(path)
-    shutil.rmtree(old)
+    _barrier("refax.checkpoint.save: replaced")
     return path
+
+
+def _barrier(name: str) -> None:
+    """Waits for every process (a no-op with one)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
 
 
 def metadata(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], Any]]:
