@@ -236,9 +236,9 @@ class JitWrapped:
         if fast is not None and not kwargs:  # (only without static arguments)
             hint = fast.entry()
             inputs = fast.pattern.split(args, self.graph, self.graph_updates, hint)
+            # (a new walk cache entry comes with a new GraphDef, so a hit also means the
+            # entry is the one ``fast`` holds)
             if inputs is not None and inputs.graphdef is fast.graphdef:
-                if inputs.entry is not hint:
-                    fast.entry = _weak(inputs.entry)
                 return inputs, fast.settings, fast.static
         args, kwargs, static_args = extract_static(
             args, kwargs, self.static_argnums, self.static_argnames, "jit"

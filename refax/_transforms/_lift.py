@@ -143,7 +143,8 @@ def _walk_nodes(nodes: tuple, hint: Any = None) -> tuple[FlattenResult, bool, An
     if hint is not None and _cache.still_kept(hint, nodes):
         entry = hint
     else:
-        entry = _cache.lookup(nodes, (_LIFT_KEY, *map(id, nodes)))
+        key = (_LIFT_KEY, *map(id, nodes))
+        entry = _cache.lookup(nodes, key)
     if entry is not None:
         all_vars, roots = entry.extra
         kept = entry.result
@@ -159,7 +160,7 @@ def _walk_nodes(nodes: tuple, hint: Any = None) -> tuple[FlattenResult, bool, An
         walk.graphdef, None, list(walk.nodes), list(walk.leaves), walk.paths, walk.num_refs
     )
     roots = root_index(walk.graphdef)
-    key = (_LIFT_KEY, *map(id, nodes))
+    # (``key`` is set: a hint that passed returned above)
     entry = _cache.store(nodes, key, walk, epoch, roots, kept, (all_vars, roots))
     return walk, all_vars, entry
 
